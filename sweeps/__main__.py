@@ -1,0 +1,217 @@
+"""regsweep command line: run, check, report, server.
+
+Exit codes: 0 done; 2 the spec or the preflight was refused (nothing started, nothing
+written); 130 interrupted; 1 anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+def _printer() -> callable:
+    start = time.monotonic()
+
+    def say(line: str) -> None:
+        elapsed = int(time.monotonic() - start)
+        print(f"[{elapsed // 60:02d}:{elapsed % 60:02d}] {line}", flush=True)
+
+    return say
+
+
+def _load(path: str, smoke: bool = False, trials: int | None = None):
+    from sweeps.spec import load_spec
+
+    spec = load_spec(path)
+    if trials is not None:
+        from sweeps.spec import parse_spec
+
+        data = spec.model_dump(mode="json")
+        data["search"]["num_trials"] = trials
+        spec = parse_spec(data, source=f"spec file {path!r} with --trials {trials}")
+    return spec.smoke() if smoke else spec
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    spec = _load(args.spec, args.smoke_test)
+    print(f"{args.spec}: valid sweep spec {spec.name!r}")
+    for key, value in spec.flat_params().items():
+        print(f"  {key} = {value}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    spec = _load(args.spec, args.smoke_test, args.trials)
+    from sweeps import analysis
+    from sweeps.launch import resolve_tracking_uri, run_sweep
+
+    say = _printer()
+    say(
+        f"sweep {spec.name!r}: {spec.search.num_trials} trials of {spec.model.name} on "
+        f"{spec.dataset.name}, {spec.training.epochs} epochs, at most "
+        f"{spec.resources.max_concurrent_trials} at once"
+        + (" (smoke test)" if args.smoke_test else "")
+    )
+    uri = resolve_tracking_uri(spec, args.tracking_uri)
+    result = run_sweep(
+        spec,
+        spec_path=args.spec,
+        tracking_uri=uri,
+        storage_path=args.storage_path,
+        address=args.address,
+        progress=say,
+    )
+    say(f"sweep {result.status}: trials by outcome {result.outcomes}")
+
+    import mlflow
+    import pandas as pd
+
+    mlflow.set_tracking_uri(uri)
+    frame = analysis.trials_frame(result.parent_run_id, [result.experiment_id])
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print("\nBest trials (final epoch, read back from MLflow):")
+        print(analysis.best_trials(frame, top=args.top).to_string(index=False, float_format="{:.4g}".format))
+    if result.best:
+        b = result.best
+        print(
+            f"\nBest trial {b['trial_id']}: val_acc {b['val_acc']:.4f}, test_acc "
+            f"{b['test_acc']:.4f} (dropout {b['dropout']:.3g}, weight_decay "
+            f"{b['weight_decay']:.3g}, survival_prob {b['survival_prob']:.3g})"
+        )
+        print(f"Best model: {b.get('registered', b['model_uri'])}")
+    print(f"MLflow sweep run: {result.parent_run_id} in experiment {spec.experiment!r}")
+    print(f"Open the UI: {analysis.ui_command(uri)}")
+    if result.status != "FINISHED":
+        return EXIT_INTERRUPTED
+    trained = result.outcomes["completed"] + result.outcomes["stopped_early"]
+    if trained == 0:
+        print("error: no trial trained successfully; see the error tags above", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    import mlflow
+    import pandas as pd
+
+    from sweeps import analysis
+    from sweeps.launch import DEFAULT_TRACKING_URI
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    experiment = args.experiment
+    if experiment is None and args.spec:
+        experiment = _load(args.spec).experiment
+    run_id = args.run_id or analysis.latest_sweep_run_id(uri, experiment or "digits")
+    frame = analysis.trials_frame(run_id)
+    with pd.option_context("display.width", 160, "display.max_columns", 20):
+        print(f"sweep run {run_id}: {len(frame)} trials")
+        print(analysis.best_trials(frame, top=args.top).to_string(index=False))
+        print("\nRank correlation of each swept value with the final metrics:")
+        print(analysis.effects(frame).to_string(index=False))
+    if args.plot:
+        print(f"plot: {analysis.plot_trials(frame, args.plot)}")
+    return EXIT_OK
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    backend = args.backend_store_uri
+    artifacts = str(Path(args.artifacts_destination).resolve())
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        backend,
+        "--serve-artifacts",
+        "--artifacts-destination",
+        artifacts,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+        "--workers",
+        str(args.workers),
+        "--allowed-hosts",
+        args.allowed_hosts or f"{args.host}:{args.port},localhost:{args.port}",
+    ]
+    print("starting:", " ".join(command), flush=True)
+    os.execv(sys.executable, command)
+    return EXIT_FAILED  # not reached
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m sweeps", description="Regularization sweeps of ResNets on Ray Tune."
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a sweep from a spec file")
+    run.add_argument("spec", help="path to a YAML sweep spec, e.g. sweeps/specs/digits.yaml")
+    run.add_argument("--smoke-test", action="store_true", help="at most 3 trials of 2 epochs")
+    run.add_argument("--trials", type=int, help="override search.num_trials")
+    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)")
+    run.add_argument("--tracking-uri", help="MLflow tracking URI (overrides env and spec)")
+    run.add_argument("--storage-path", help="Tune storage path (overrides storage.path)")
+    run.add_argument("--top", type=int, default=5, help="rows in the final table")
+    run.set_defaults(func=cmd_run)
+
+    check = sub.add_parser("check", help="validate a spec file without running it")
+    check.add_argument("spec")
+    check.add_argument("--smoke-test", action="store_true")
+    check.set_defaults(func=cmd_check)
+
+    report = sub.add_parser("report", help="tables (and a plot) of a finished sweep")
+    report.add_argument("spec", nargs="?", help="spec whose experiment to report")
+    report.add_argument("--experiment", help="experiment name (default: the spec's)")
+    report.add_argument("--run-id", help="sweep parent run id (default: the latest)")
+    report.add_argument("--tracking-uri")
+    report.add_argument("--top", type=int, default=10)
+    report.add_argument("--plot", help="write a PNG of val_acc against each swept value")
+    report.set_defaults(func=cmd_report)
+
+    server = sub.add_parser("server", help="start an MLflow tracking server for sweeps")
+    server.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
+    server.add_argument("--artifacts-destination", default="mlartifacts")
+    server.add_argument("--host", default="127.0.0.1", help="bind address (keep loopback)")
+    server.add_argument("--port", type=int, default=5000)
+    server.add_argument("--workers", type=int, default=2)
+    server.add_argument("--allowed-hosts", help="Host headers to accept (default: host:port)")
+    server.set_defaults(func=cmd_server)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from sweeps.launch import PreflightError
+    from sweeps.spec import SpecError
+
+    try:
+        return args.func(args)
+    except SpecError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except PreflightError as error:
+        print(f"error: preflight failed, nothing was started: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""Sweep results as pandas DataFrames, read back from MLflow.
+
+Column names are the same words as the spec's search space and the trials' metrics: dropout,
+weight_decay, survival_prob, val_acc, gen_gap, ...
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+
+from sweeps.spec import SWEPT
+from sweeps.tracking import OUTCOME_TAG, PARENT_TAG, ROLE_TAG, SWEEP_TAG
+
+log = logging.getLogger(__name__)
+
+TABLE_COLUMNS = [
+    "trial_id",
+    *SWEPT,
+    "outcome",
+    "epochs",
+    "val_acc",
+    "train_acc",
+    "gen_gap",
+    "executed_fraction",
+    "test_acc",
+]
+
+
+def latest_sweep_run_id(tracking_uri: str, experiment: str) -> str:
+    """The run id of the most recent sweep parent run in `experiment`."""
+    frame = mlflow.search_runs(
+        experiment_names=[experiment],
+        filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if frame.empty:
+        raise LookupError(f"experiment {experiment!r} at {tracking_uri} has no sweep runs")
+    return str(frame.iloc[0]["run_id"])
+
+
+def trials_frame(parent_run_id: str, experiment_ids: list[str] | None = None) -> pd.DataFrame:
+    """One row per trial of the sweep `parent_run_id`: swept params, final metrics, outcome.
+
+    Uses the tracking URI set with mlflow.set_tracking_uri (or $MLFLOW_TRACKING_URI).
+    """
+    client = mlflow.MlflowClient()
+    if experiment_ids is None:
+        experiment_ids = [client.get_run(parent_run_id).info.experiment_id]
+    runs = mlflow.search_runs(
+        experiment_ids=experiment_ids,
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'",
+    )
+    if runs.empty:
+        return pd.DataFrame(columns=TABLE_COLUMNS)
+    frame = pd.DataFrame(
+        {
+            "run_id": runs["run_id"],
+            "status": runs["status"],
+            "trial_id": runs.get("tags.trial_id"),
+            "outcome": runs.get(f"tags.{OUTCOME_TAG}"),
+        }
+    )
+    for name in SWEPT:
+        frame[name] = pd.to_numeric(runs.get(f"params.{name}"), errors="coerce")
+    for name in ("val_acc", "train_acc", "gen_gap", "executed_fraction", "test_acc", "epoch"):
+        column = runs.get(f"metrics.{name}")
+        frame[name] = pd.to_numeric(column, errors="coerce") if column is not None else float("nan")
+    frame = frame.rename(columns={"epoch": "epochs"})
+    frame["epochs"] = frame["epochs"].astype("Int64")
+    return frame
+
+
+def best_trials(frame: pd.DataFrame, top: int = 5) -> pd.DataFrame:
+    """The `top` trials by final validation accuracy, best first."""
+    ranked = frame.sort_values("val_acc", ascending=False, na_position="last")
+    return ranked.head(top)[[c for c in TABLE_COLUMNS if c in ranked.columns]].reset_index(
+        drop=True
+    )
+
+
+def effects(frame: pd.DataFrame) -> pd.DataFrame:
+    """Spearman rank correlation of each swept value with val_acc and gen_gap (n trials)."""
+    finished = frame.dropna(subset=["val_acc"])
+    rows = []
+    for name in SWEPT:
+        rows.append(
+            {
+                "param": name,
+                "n": len(finished),
+                "corr_val_acc": finished[name].corr(finished["val_acc"], method="spearman"),
+                "corr_gen_gap": finished[name].corr(finished["gen_gap"], method="spearman"),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def plot_trials(frame: pd.DataFrame, path: str | Path) -> Path:
+    """Scatter of val_acc against each swept value, saved as a PNG at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(SWEPT), figsize=(4 * len(SWEPT), 3.4), sharey=True)
+    for ax, name in zip(axes, SWEPT, strict=True):
+        for outcome, group in frame.groupby("outcome"):
+            ax.scatter(group[name], group["val_acc"], label=str(outcome), s=24)
+        ax.set_xlabel(name)
+        if name == "weight_decay":
+            ax.set_xscale("log")
+    axes[0].set_ylabel("final val_acc")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The command that opens the MLflow UI on `tracking_uri`."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri} in a browser"
+    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+
+
+__all__ = [
+    "SWEEP_TAG",
+    "best_trials",
+    "effects",
+    "latest_sweep_run_id",
+    "plot_trials",
+    "trials_frame",
+    "ui_command",
+]

@@ -1,0 +1,291 @@
+"""MLflow lineage, written only by the driver.
+
+The driver opens the experiment and the sweep's parent run once, before any trial starts.
+`TrialLineage`, a Ray Tune callback that runs in the driver, mirrors each trial into a nested
+child run (tag mlflow.parentRunId): params when it starts, metrics every epoch with step =
+epoch, and a terminal status with an `outcome` tag when it ends. Workers never talk to MLflow,
+so only the head node needs to reach the tracking store.
+
+Outcomes and the MLflow status each maps to:
+
+    completed       FINISHED  trained every epoch
+    stopped_early   FINISHED  stopped by the scheduler (ASHA) before the last epoch
+    diverged        FAILED    non-finite training loss
+    error           FAILED    the trial raised; the error's last lines are in tag `error`
+    interrupted     KILLED    the sweep was interrupted (SIGINT, SIGTERM) while it ran
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+
+log = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+SWEEP_TAG = "regsweep.sweep"
+ROLE_TAG = "regsweep.role"
+OUTCOME_TAG = "outcome"
+OUTCOME_STATUS = {
+    "completed": "FINISHED",
+    "stopped_early": "FINISHED",
+    "diverged": "FAILED",
+    "error": "FAILED",
+    "interrupted": "KILLED",
+}
+# Result keys that Tune adds or that are not per-epoch measurements.
+_NOT_METRICS = {
+    "training_iteration",
+    "time_this_iter_s",
+    "time_total_s",
+    "timestamp",
+    "pid",
+    "time_since_restore",
+    "iterations_since_restore",
+    "done",
+}
+_PACKAGES = ("regsweep", "torch", "torchvision", "ray", "optuna", "mlflow", "pandas", "numpy")
+ERROR_TAIL_LINES = 20
+MLFLOW_TAG_LIMIT = 4_000
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which URI and why."""
+
+
+def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
+    """Connect to `uri`, create or find experiment `name`, and prove the store is writable.
+
+    This is the preflight: it raises TrackingError with the URI and the cause, before Ray or
+    any trial is started.
+    """
+    client = MlflowClient(tracking_uri=uri)
+    try:
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            experiment_id = client.create_experiment(name)
+        elif experiment.lifecycle_stage != "active":
+            raise TrackingError(
+                f"experiment {name!r} at {uri} is deleted; restore it in the MLflow UI or "
+                "choose another tracking.experiment"
+            )
+        else:
+            experiment_id = experiment.experiment_id
+        # Writable: set (and keep) a harmless experiment tag.
+        client.set_experiment_tag(experiment_id, "regsweep.last_preflight", str(int(time.time())))
+    except TrackingError:
+        raise
+    except Exception as error:  # MLflow raises many types for a bad store; report them all.
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrackingError(
+            f"tracking store {uri!r} is not reachable or not writable: {reason}. Check "
+            "tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI (for a server, is it running?)"
+        ) from None
+    return client, experiment_id
+
+
+def git_commit(path: str | Path = ".") -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in _PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])[-MLFLOW_TAG_LIMIT:]
+
+
+def trial_error_text(trial: Trial) -> str:
+    """The last lines of a failed trial's error, from Tune's error file or the trial."""
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        return _tail(Path(path).read_text(errors="replace"))
+    error = getattr(trial, "get_error", lambda: None)()
+    return _tail(str(error)) if error is not None else "unknown error"
+
+
+class TrialLineage(Callback):
+    """Mirror every Tune trial into a nested MLflow run of the sweep's parent run.
+
+    fixed_params: settings common to all trials, logged as params of each child.
+    epochs: the full length of a trial, to tell completed from stopped early.
+    progress: called with a one-line summary after every event, or None.
+    """
+
+    def __init__(
+        self,
+        client: MlflowClient,
+        experiment_id: str,
+        parent_run_id: str,
+        *,
+        sweep: str,
+        fixed_params: Mapping[str, Any],
+        swept: tuple[str, ...],
+        epochs: int,
+        num_trials: int,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.experiment_id = experiment_id
+        self.parent_run_id = parent_run_id
+        self.sweep = sweep
+        self.fixed_params = {k: str(v) for k, v in fixed_params.items()}
+        self.swept = swept
+        self.epochs = epochs
+        self.num_trials = num_trials
+        self.progress = progress
+        self.run_ids: dict[str, str] = {}
+        self.outcomes: dict[str, str] = {}
+        self.last_results: dict[str, dict[str, Any]] = {}
+        self.node_logged: set[str] = set()
+
+    # Tune callback hooks
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        if trial.trial_id in self.run_ids:
+            return
+        tags = {
+            PARENT_TAG: self.parent_run_id,
+            SWEEP_TAG: self.sweep,
+            ROLE_TAG: "trial",
+            "trial_id": trial.trial_id,
+            OUTCOME_TAG: "running",
+        }
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=str(trial))
+        self.run_ids[trial.trial_id] = run.info.run_id
+        swept = {name: str(trial.config[name]) for name in self.swept if name in trial.config}
+        params = {**self.fixed_params, **swept, "trial_id": trial.trial_id}
+        self.client.log_batch(
+            run.info.run_id, params=[Param(k, v) for k, v in params.items()], synchronous=True
+        )
+        self._say(trial, "started " + " ".join(f"{k}={float(v):.4g}" for k, v in swept.items()))
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ):
+        run_id = self.run_ids.get(trial.trial_id)
+        if run_id is None:
+            return
+        self.last_results[trial.trial_id] = dict(result)
+        step = int(result.get("training_iteration", 0))
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(key, float(value), now, step)
+            for key, value in result.items()
+            if key not in _NOT_METRICS
+            and isinstance(value, (int, float))
+            and not isinstance(value, bool)
+        ]
+        tags = []
+        if trial.trial_id not in self.node_logged:
+            self.node_logged.add(trial.trial_id)
+            for key in ("node_ip", "hostname", "device"):
+                if key in result:
+                    tags.append(RunTag(key, str(result[key])))
+        self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
+        self._say(
+            trial,
+            f"epoch {step}/{self.epochs} val_acc={result.get('val_acc', math.nan):.4f} "
+            f"train_loss={result.get('train_loss', math.nan):.4f} "
+            f"executed={result.get('executed_fraction', math.nan):.2f}",
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        last = self.last_results.get(trial.trial_id) or trial.last_result or {}
+        if float(last.get("diverged", 0.0)) > 0:
+            outcome = "diverged"
+        elif int(last.get("training_iteration", 0)) < self.epochs:
+            outcome = "stopped_early"
+        else:
+            outcome = "completed"
+        self._finish(trial, outcome)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+        self._finish(trial, "error", error=trial_error_text(trial))
+
+    # Closing
+
+    def close_open(self, outcome: str = "interrupted") -> int:
+        """End every child run not yet ended (after an interrupt); returns how many."""
+        open_ids = [t for t in self.run_ids if t not in self.outcomes]
+        for trial_id in open_ids:
+            self._end(trial_id, outcome)
+        return len(open_ids)
+
+    def counts(self) -> dict[str, int]:
+        counts = dict.fromkeys(OUTCOME_STATUS, 0)
+        for outcome in self.outcomes.values():
+            counts[outcome] += 1
+        return counts
+
+    def _finish(self, trial: Trial, outcome: str, error: str | None = None) -> None:
+        if trial.trial_id not in self.run_ids or trial.trial_id in self.outcomes:
+            return
+        self._end(trial.trial_id, outcome, error)
+        self._say(trial, outcome)
+
+    def _end(self, trial_id: str, outcome: str, error: str | None = None) -> None:
+        run_id = self.run_ids[trial_id]
+        self.outcomes[trial_id] = outcome
+        try:
+            self.client.set_tag(run_id, OUTCOME_TAG, outcome)
+            if error is not None:
+                self.client.set_tag(run_id, "error", error)
+                self.client.log_text(run_id, error, "error.txt")
+            self.client.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
+        except MlflowException:
+            log.exception("could not close MLflow run %s of trial %s", run_id, trial_id)
+
+    def _say(self, trial: Trial, what: str) -> None:
+        if self.progress is None:
+            return
+        done = len(self.outcomes)
+        running = len(self.run_ids) - done
+        self.progress(
+            f"[{done:>3}/{self.num_trials} done, {running} running] trial {trial.trial_id} {what}"
+        )
+
+
+def end_run(client: MlflowClient, run_id: str, status: str) -> None:
+    """Set a run's terminal status, logging rather than raising on failure."""
+    try:
+        client.set_terminated(run_id, status=status)
+    except MlflowException:
+        log.exception("could not end MLflow run %s as %s", run_id, status)
+
+
+def close_stale_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
+    """Mark any run of this sweep still RUNNING as KILLED; returns how many there were."""
+    stale = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+    )
+    for run in stale:
+        client.set_tag(run.info.run_id, OUTCOME_TAG, "interrupted")
+        client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    return len(stale)
