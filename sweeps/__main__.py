@@ -7,7 +7,6 @@ written); 130 interrupted; 1 anything else.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import sys
@@ -78,7 +77,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     frame = analysis.trials_frame(result.parent_run_id, [result.experiment_id])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\nBest trials (final epoch, read back from MLflow):")
-        print(analysis.best_trials(frame, top=args.top).to_string(index=False, float_format="{:.4g}".format))
+        table = analysis.best_trials(frame, top=args.top)
+        print(table.to_string(index=False, float_format="{:.4g}".format))
     if result.best:
         b = result.best
         print(

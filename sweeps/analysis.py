@@ -7,6 +7,7 @@ weight_decay, survival_prob, val_acc, gen_gap, ...
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import mlflow
@@ -69,7 +70,7 @@ def trials_frame(parent_run_id: str, experiment_ids: list[str] | None = None) ->
         frame[name] = pd.to_numeric(runs.get(f"params.{name}"), errors="coerce")
     for name in ("val_acc", "train_acc", "gen_gap", "executed_fraction", "test_acc", "epoch"):
         column = runs.get(f"metrics.{name}")
-        frame[name] = pd.to_numeric(column, errors="coerce") if column is not None else float("nan")
+        frame[name] = math.nan if column is None else pd.to_numeric(column, errors="coerce")
     frame = frame.rename(columns={"epoch": "epochs"})
     frame["epochs"] = frame["epochs"].astype("Int64")
     return frame

@@ -60,8 +60,11 @@ class SweepResult:
 
 def resolve_tracking_uri(spec: SweepSpec, override: str | None = None) -> str:
     """--tracking-uri, else $MLFLOW_TRACKING_URI, else the spec's tracking.uri, else SQLite."""
-    return override or os.environ.get("MLFLOW_TRACKING_URI") or spec.tracking.uri or (
-        DEFAULT_TRACKING_URI
+    return (
+        override
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or spec.tracking.uri
+        or (DEFAULT_TRACKING_URI)
     )
 
 
@@ -364,6 +367,8 @@ def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict
 
     # The model itself, loadable with mlflow.pytorch.load_model, registered as alias "best".
     mlflow.set_tracking_uri(uri)
+    # MLflow warns on every pickled model; the choice is deliberate (see below).
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=parent_id):
         info = mlflow.pytorch.log_model(
             model.eval(),

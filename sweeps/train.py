@@ -145,7 +145,10 @@ def _autocast(cfg: TrialConfig, device: torch.device) -> contextlib.AbstractCont
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, split: DeviceSplit, batch_size: int = 1024, cfg: TrialConfig | None = None
+    model: torch.nn.Module,
+    split: DeviceSplit,
+    batch_size: int = 1024,
+    cfg: TrialConfig | None = None,
 ) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of `model` in eval mode over a whole split."""
     model.eval()

@@ -50,7 +50,11 @@ def train_trial(
     data: StagedData = ray.get(data_refs[0])
     cfg = TrialConfig(**{**settings, **{name: config[name] for name in SWEPT}})
     device = pick_device(cfg.device)
-    where = {"hostname": socket.gethostname(), "device": str(device)}
+    where = {
+        "hostname": socket.gethostname(),
+        "node_id": ray.get_runtime_context().get_node_id(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         where["device"] = f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
 

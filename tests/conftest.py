@@ -1,0 +1,69 @@
+"""Shared fixtures: small digits specs, a local Ray cluster, isolated MLflow stores."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sweeps.spec import SweepSpec, parse_spec
+
+REPO = Path(__file__).resolve().parent.parent
+
+# The tests never read the user's own tracking store.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("RAY_ADDRESS", None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_spec_data(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A fast digits sweep (ResNet-8, 2 epochs, 3 trials) storing everything under tmp_path."""
+    data: dict[str, Any] = {
+        "name": "test-sweep",
+        "dataset": {"name": "digits", "augment": {"crop_padding": 1}},
+        "model": {"name": "resnet8"},
+        "training": {"epochs": 2, "batch_size": 128, "lr": 0.1, "lr_schedule": "constant"},
+        "search": {"num_trials": 3, "seed": 0, "n_startup_trials": 3},
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "resources": {"cpus_per_trial": 1, "max_concurrent_trials": 2},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"},
+        "storage": {"path": str(tmp_path / "ray_results")},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+@pytest.fixture
+def make_spec(tmp_path: Path) -> Callable[..., SweepSpec]:
+    """make_spec(training={"epochs": 3}, ...) -> a validated small SweepSpec under tmp_path."""
+
+    def make(**sections: dict[str, Any]) -> SweepSpec:
+        return parse_spec(small_spec_data(tmp_path, **sections))
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def ray_local() -> Iterator[None]:
+    """One local Ray for the session (4 logical CPUs so that 2-3 trials run at once).
+
+    run_sweep sees Ray already initialized and neither starts nor stops it.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
