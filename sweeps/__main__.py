@@ -112,11 +112,18 @@ def cmd_report(args: argparse.Namespace) -> int:
         experiment = _load(args.spec).experiment
     run_id = args.run_id or analysis.latest_sweep_run_id(uri, experiment or "digits")
     frame = analysis.trials_frame(run_id)
+    params = mlflow.MlflowClient().get_run(run_id).data.params
+    rung = args.epoch or int(params.get("scheduler.grace_period", 1))
+    compared = analysis.at_epoch(frame, rung)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"sweep run {run_id}: {len(frame)} trials")
         print(analysis.best_trials(frame, top=args.top).to_string(index=False))
-        print("\nRank correlation of each swept value with the final metrics:")
-        print(analysis.effects(frame).to_string(index=False))
+        print(f"\nAt epoch {rung}, over the {len(compared)} trials that reached it:")
+        print("Spearman rank correlation of each swept value with val_acc and gen_gap")
+        print(analysis.effects(compared).to_string(index=False))
+        if len(compared) >= 4:
+            print("fANOVA importance for val_acc (Optuna)")
+            print(analysis.importance(compared).to_string())
     if args.plot:
         print(f"plot: {analysis.plot_trials(frame, args.plot)}")
     return EXIT_OK
@@ -177,6 +184,9 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("--run-id", help="sweep parent run id (default: the latest)")
     report.add_argument("--tracking-uri")
     report.add_argument("--top", type=int, default=10)
+    report.add_argument(
+        "--epoch", type=int, help="epoch at which to compare trials (default: ASHA's first rung)"
+    )
     report.add_argument("--plot", help="write a PNG of val_acc against each swept value")
     report.set_defaults(func=cmd_report)
 

@@ -84,20 +84,70 @@ def best_trials(frame: pd.DataFrame, top: int = 5) -> pd.DataFrame:
     )
 
 
+def at_epoch(frame: pd.DataFrame, epoch: int, keys: tuple[str, ...] = ("val_acc", "gen_gap")):
+    """Each trial's metrics at `epoch` (from MLflow's metric history), for trials that got there.
+
+    ASHA stops trials at different epochs, so final metrics compare unequal training; read at
+    one epoch that every surviving trial reached (the first rung, `scheduler.grace_period`),
+    they compare like with like.
+    """
+    client = mlflow.MlflowClient()
+    rows = []
+    for row in frame.itertuples():
+        values = {}
+        for key in keys:
+            history = client.get_metric_history(row.run_id, key)
+            values[key] = next((m.value for m in history if m.step == epoch), math.nan)
+        if not math.isnan(values[keys[0]]):
+            rows.append({"run_id": row.run_id, **{n: getattr(row, n) for n in SWEPT}, **values})
+    return pd.DataFrame(rows, columns=["run_id", *SWEPT, *keys])
+
+
 def effects(frame: pd.DataFrame) -> pd.DataFrame:
-    """Spearman rank correlation of each swept value with val_acc and gen_gap (n trials)."""
-    finished = frame.dropna(subset=["val_acc"])
+    """Spearman rank correlation of each swept value with val_acc and gen_gap, over n trials.
+
+    Pass a frame of trials compared at one epoch (`at_epoch`) or of completed trials only.
+    """
     rows = []
     for name in SWEPT:
         rows.append(
             {
                 "param": name,
-                "n": len(finished),
-                "corr_val_acc": finished[name].corr(finished["val_acc"], method="spearman"),
-                "corr_gen_gap": finished[name].corr(finished["gen_gap"], method="spearman"),
+                "n": len(frame),
+                "corr_val_acc": frame[name].corr(frame["val_acc"], method="spearman"),
+                "corr_gen_gap": frame[name].corr(frame["gen_gap"], method="spearman"),
             }
         )
     return pd.DataFrame(rows)
+
+
+def importance(frame: pd.DataFrame) -> pd.Series:
+    """Optuna's fANOVA importance of each swept value for val_acc over the trials in `frame`.
+
+    The importances sum to 1; with few trials they are rough (n is len(frame)).
+    """
+    import optuna
+
+    distributions = {
+        name: optuna.distributions.FloatDistribution(
+            float(frame[name].min()), float(frame[name].max()), log=name == "weight_decay"
+        )
+        for name in SWEPT
+    }
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize")
+    for row in frame.itertuples():
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={name: float(getattr(row, name)) for name in SWEPT},
+                distributions=distributions,
+                value=float(row.val_acc),
+            )
+        )
+    scores = optuna.importance.get_param_importances(
+        study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0)
+    )
+    return pd.Series(scores, name="importance").reindex(list(SWEPT))
 
 
 def plot_trials(frame: pd.DataFrame, path: str | Path) -> Path:
@@ -132,8 +182,10 @@ def ui_command(tracking_uri: str) -> str:
 
 __all__ = [
     "SWEEP_TAG",
+    "at_epoch",
     "best_trials",
     "effects",
+    "importance",
     "latest_sweep_run_id",
     "plot_trials",
     "trials_frame",
