@@ -1,34 +1,67 @@
 """Optimizers whose weight decay means what it says.
 
-Two senses of weight decay are offered. "coupled" is L2 regularization through the optimizer's
-gradient (torch's SGD weight_decay): the penalty is scaled by the learning rate and, with
-momentum, accumulated like a gradient. "decoupled" (Loshchilov & Hutter, SGDW / AdamW) shrinks
-the weights directly by lr * weight_decay each step, apart from the gradient. Batch-norm weights
-and all biases are left undecayed by default: decaying them only fights the normalization.
+Two senses of weight decay are offered, and `weight_decay` is always the coefficient in the sense
+of the chosen `decay_mode`:
+
+- "coupled": L2 regularization through the gradient (torch's SGD `weight_decay`). The penalty
+  gradient weight_decay * w is added to the loss gradient, so it is scaled by the learning rate
+  and, with momentum 0.9, accumulated about tenfold like any other gradient. This is the
+  paper recipe's sense (wd 1e-4 with Nesterov momentum).
+- "decoupled" (Loshchilov and Hutter, SGDW / AdamW): every step shrinks the weights directly,
+  w <- w * (1 - lr * weight_decay), apart from the gradient and its momentum.
+
+Batch-norm weights and all biases are left undecayed by default: decaying them only fights the
+normalization. Each parameter group records its name ("decay" or "no_decay") and the decay mode,
+and `describe_weight_decay` summarizes them for logging.
+
+A parameter whose gradient is None in a step (the convolutions of a block that stochastic depth
+dropped) is skipped by torch's optimizers, and by `SGDW`: it is neither decayed nor moved by
+momentum that step. The original stochastic-depth code updated every parameter every step; the
+difference matters only through momentum and decay of rarely kept late blocks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import logging
+import math
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
+log = logging.getLogger(__name__)
+
 DecayMode = Literal["coupled", "decoupled"]
 OptimizerName = Literal["sgd", "adamw"]
+DECAY_MODES: tuple[str, ...] = ("coupled", "decoupled")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw")
+
+
+def _check_number(name: str, value: float, low: float, high: float, *, low_open: bool) -> float:
+    number = (
+        float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
+    )
+    ok = number is not None and math.isfinite(number) and number < high
+    ok = ok and (number > low if low_open else number >= low)  # type: ignore[operator]
+    if not ok:
+        interval = f"{'(' if low_open else '['}{low}, {high})"
+        raise ValueError(
+            f"{name}={value!r} is not allowed: it must be a finite number in {interval}"
+        )
+    return number  # type: ignore[return-value]
 
 
 def param_groups(
     model: nn.Module, weight_decay: float, *, decay_norm_and_bias: bool = False
 ) -> list[dict[str, Any]]:
-    """Split parameters into a decayed group and a not-decayed group.
+    """Split the trainable parameters into a decayed group and a not-decayed group.
 
     Weights of convolutions and linear layers (ndim >= 2) are decayed at `weight_decay`;
     normalization weights and biases (ndim <= 1) are decayed only if `decay_norm_and_bias`.
+    Every trainable parameter appears in exactly one group.
     """
-    if weight_decay < 0:
-        raise ValueError(f"weight_decay={weight_decay!r} is not allowed: it must be >= 0")
+    weight_decay = _check_number("weight_decay", weight_decay, 0.0, math.inf, low_open=False)
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
@@ -41,23 +74,35 @@ def param_groups(
 
 
 class SGDW(torch.optim.SGD):
-    """SGD with decoupled weight decay: w <- w - lr * weight_decay * w, then the SGD step."""
+    """SGD with decoupled weight decay: w <- w * (1 - lr * weight_decay), then the SGD step.
 
-    def __init__(self, params: Iterable[Any], **kwargs: Any) -> None:
-        super().__init__(params, **kwargs)
-        for group in self.param_groups:
-            group["decoupled_weight_decay"] = group["weight_decay"]
-            group["weight_decay"] = 0.0
+    A group's `weight_decay` is the decoupled coefficient, as in torch's AdamW; the gradient
+    and the momentum buffer never see it.
+    """
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
+        # Gradients first, so that the decay applies to the parameters that have one now.
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        # Shrink, then take the plain SGD step with the L2 term switched off.
+        decays = []
         for group in self.param_groups:
-            shrink = 1.0 - group["lr"] * group["decoupled_weight_decay"]
-            if shrink != 1.0:
-                for param in group["params"]:
-                    if param.grad is not None:
-                        param.mul_(shrink)
-        return super().step(closure)
+            decay = group["weight_decay"]
+            decays.append(decay)
+            params = [p for p in group["params"] if p.grad is not None]
+            if decay != 0 and params:
+                torch._foreach_mul_(params, 1.0 - group["lr"] * decay)
+            group["weight_decay"] = 0.0
+        try:
+            super().step()
+        finally:
+            for group, decay in zip(self.param_groups, decays, strict=True):
+                group["weight_decay"] = decay
+        return loss
 
 
 def build_optimizer(
@@ -73,20 +118,50 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """Optimizer over `param_groups(model, weight_decay, ...)`.
 
-    lr: learning rate; weight_decay: coefficient per step, in the sense of `decay_mode`;
-    momentum and nesterov apply to SGD only. AdamW is always decoupled.
+    name: "sgd" (SGD or SGDW by `decay_mode`) or "adamw" (always decoupled).
+    lr: learning rate, > 0. weight_decay: coefficient per step in the sense of `decay_mode`,
+    >= 0. momentum: SGD momentum in [0, 1); nesterov applies when momentum > 0. SGD only.
+    decay_norm_and_bias: also decay normalization weights and biases (off by default).
     """
-    groups = param_groups(model, weight_decay, decay_norm_and_bias=decay_norm_and_bias)
-    if name == "adamw":
-        if decay_mode != "decoupled":
-            raise ValueError("optimizer 'adamw' decays decoupled: set decay_mode='decoupled'")
-        return torch.optim.AdamW(groups, lr=lr)
-    if name != "sgd":
-        raise ValueError(f"optimizer={name!r} is not allowed: choose 'sgd' or 'adamw'")
-    if decay_mode not in ("coupled", "decoupled"):
+    if name not in OPTIMIZERS:
+        raise ValueError(f"optimizer={name!r} is not allowed: choose one of {OPTIMIZERS}")
+    if decay_mode not in DECAY_MODES:
+        raise ValueError(f"decay_mode={decay_mode!r} is not allowed: choose one of {DECAY_MODES}")
+    if name == "adamw" and decay_mode != "decoupled":
         raise ValueError(
-            f"decay_mode={decay_mode!r} is not allowed: choose 'coupled' or 'decoupled'"
+            f"decay_mode={decay_mode!r} is not allowed with optimizer 'adamw', which always "
+            "decays decoupled: set decay_mode='decoupled'"
         )
-    nesterov = nesterov and momentum > 0
-    cls = torch.optim.SGD if decay_mode == "coupled" else SGDW
-    return cls(groups, lr=lr, momentum=momentum, nesterov=nesterov)
+    lr = _check_number("lr", lr, 0.0, math.inf, low_open=True)
+    momentum = _check_number("momentum", momentum, 0.0, 1.0, low_open=False)
+
+    # Parameter groups that remember what they are, for `describe_weight_decay`.
+    groups = param_groups(model, weight_decay, decay_norm_and_bias=decay_norm_and_bias)
+    for group in groups:
+        group["decay_mode"] = decay_mode
+
+    if name == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr)
+    else:
+        cls = torch.optim.SGD if decay_mode == "coupled" else SGDW
+        optimizer = cls(groups, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0)
+    log.debug("%s optimizer, weight decay %s", name, describe_weight_decay(optimizer))
+    return optimizer
+
+
+def describe_weight_decay(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """How `optimizer` decays weights, as flat values a tracker can log.
+
+    weight_decay_mode: "coupled" or "decoupled"; weight_decay: the coefficient of the decayed
+    group; decayed_params and undecayed_params: how many scalars each group holds.
+    """
+    decayed = [g for g in optimizer.param_groups if g["weight_decay"] > 0]
+    undecayed = [g for g in optimizer.param_groups if g["weight_decay"] == 0]
+    default_mode = "decoupled" if isinstance(optimizer, SGDW | torch.optim.AdamW) else "coupled"
+    modes = {g.get("decay_mode", default_mode) for g in optimizer.param_groups}
+    return {
+        "weight_decay_mode": modes.pop() if len(modes) == 1 else "mixed",
+        "weight_decay": max((g["weight_decay"] for g in decayed), default=0.0),
+        "decayed_params": sum(p.numel() for g in decayed for p in g["params"]),
+        "undecayed_params": sum(p.numel() for g in undecayed for p in g["params"]),
+    }
