@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
+LOCAL_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def _printer() -> callable:
@@ -130,15 +131,22 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    backend = args.backend_store_uri
-    artifacts = str(Path(args.artifacts_destination).resolve())
+    """Replace this process with `mlflow server`: a SQL backend and artifacts it serves itself.
+
+    Drivers then log everything, artifacts included, over HTTP, so no node needs the server's
+    disk. Without --allowed-hosts MLflow's own default applies: localhost on any port (an SSH
+    tunnel) and private addresses (a cluster's nodes); other Host headers are refused.
+    """
+    artifacts = args.artifacts_destination
+    if "://" not in artifacts:
+        artifacts = str(Path(artifacts).expanduser().resolve())
     command = [
         sys.executable,
         "-m",
         "mlflow",
         "server",
         "--backend-store-uri",
-        backend,
+        args.backend_store_uri,
         "--serve-artifacts",
         "--artifacts-destination",
         artifacts,
@@ -148,9 +156,19 @@ def cmd_server(args: argparse.Namespace) -> int:
         str(args.port),
         "--workers",
         str(args.workers),
-        "--allowed-hosts",
-        args.allowed_hosts or f"{args.host}:{args.port},localhost:{args.port}",
     ]
+    if args.allowed_hosts:
+        command += ["--allowed-hosts", args.allowed_hosts]
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"note: --host {args.host} accepts connections from the network and MLflow asks "
+            "for no password; on a cluster head prefer 127.0.0.1 and an SSH tunnel",
+            flush=True,
+        )
+    # MLflow's job runner (GenAI scorers, prompt optimization) is of no use to sweeps and
+    # starts a pool of extra processes; set the variable to "true" to have it anyway.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    print(f"MLflow server at http://{args.host}:{args.port}", flush=True)
     print("starting:", " ".join(command), flush=True)
     os.execv(sys.executable, command)
     return EXIT_FAILED  # not reached
@@ -191,12 +209,24 @@ def parser() -> argparse.ArgumentParser:
     report.set_defaults(func=cmd_report)
 
     server = sub.add_parser("server", help="start an MLflow tracking server for sweeps")
-    server.add_argument("--backend-store-uri", default="sqlite:///mlflow.db")
-    server.add_argument("--artifacts-destination", default="mlartifacts")
+    server.add_argument(
+        "--backend-store-uri",
+        default="sqlite:///mlflow.db",
+        help="sqlite:///PATH or postgresql://USER@HOST/DB (default: sqlite:///mlflow.db)",
+    )
+    server.add_argument(
+        "--artifacts-destination",
+        default="mlartifacts",
+        help="directory or s3://... where the server keeps artifacts (default: mlartifacts)",
+    )
     server.add_argument("--host", default="127.0.0.1", help="bind address (keep loopback)")
     server.add_argument("--port", type=int, default=5000)
     server.add_argument("--workers", type=int, default=2)
-    server.add_argument("--allowed-hosts", help="Host headers to accept (default: host:port)")
+    server.add_argument(
+        "--allowed-hosts",
+        help="comma-separated Host headers to accept (default: MLflow's, localhost on any "
+        "port and private addresses)",
+    )
     server.set_defaults(func=cmd_server)
     return p
 
@@ -207,6 +237,11 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if args.command == "run" and not (args.address or os.environ.get("RAY_ADDRESS")):
+        # The local Ray started for this sweep alone listens on loopback only. Ray reads this
+        # switch when it is imported (on Linux it otherwise binds the machine's outward
+        # address so that other nodes could join).
+        os.environ.setdefault(LOCAL_RAY_ENV, "0")
     from sweeps.launch import PreflightError
     from sweeps.spec import SpecError
 

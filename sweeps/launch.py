@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -68,9 +69,16 @@ def resolve_tracking_uri(spec: SweepSpec, override: str | None = None) -> str:
     )
 
 
+STORAGE_ENV = "REGSWEEP_STORAGE_PATH"
+
+
 def resolve_storage(spec: SweepSpec, override: str | None = None) -> str:
-    """Absolute local path or a URI (s3://, gs://, ...) for Tune's results and checkpoints."""
-    path = override or spec.storage.path
+    """Absolute local path or a URI (s3://, gs://, ...) for Tune's results and checkpoints.
+
+    --storage-path, else $REGSWEEP_STORAGE_PATH (cluster.yaml sets it on every node to the
+    cluster's bucket), else the spec's storage.path.
+    """
+    path = override or os.environ.get(STORAGE_ENV) or spec.storage.path
     if "://" in path:
         return path
     return str(Path(path).expanduser().resolve())
@@ -88,6 +96,24 @@ def _check_local_storage(path: str) -> None:
             f"storage.path {path!r} is not writable ({error.strerror}); choose a directory "
             "you can write, or pass --storage-path"
         ) from None
+
+
+def check_shared_storage(path: str, shared: bool, alive_nodes: int) -> None:
+    """Refuse a head-only storage path on a cluster of more than one node.
+
+    Tune writes each trial's checkpoints from the node the trial runs on, so on a multi-node
+    cluster the storage path must be one that every node reaches: a URI (s3://, gs://), or a
+    local path on a shared file system, declared with storage.shared: true.
+    """
+    if alive_nodes <= 1 or "://" in path or shared:
+        return
+    raise PreflightError(
+        f"storage.path {path!r} is a local directory, but the Ray cluster has {alive_nodes} "
+        "nodes and trials on the other nodes cannot write their checkpoints to the head's "
+        f"disk. Set storage.path, --storage-path or ${STORAGE_ENV} to a location every node "
+        "can reach (e.g. s3://BUCKET/regsweep), or, if this path is on a file system every "
+        "node mounts (NFS, EFS), set storage.shared: true in the spec"
+    )
 
 
 def _check_resources(spec: SweepSpec) -> None:
@@ -155,8 +181,29 @@ class _Interrupted(Exception):
     pass
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise _Interrupted(signal.Signals(signum).name)
+class _SignalStop:
+    """SIGINT or SIGTERM during tuner.fit(): stop Tune gracefully and remember the signal.
+
+    Tune's own SIGINT handler ends the run as if it had finished (fit() returns normally), so
+    it is turned off (TUNE_DISABLE_SIGINT_HANDLER) and this handler asks Tune to stop through
+    the SIGUSR1 handler Tune installs while it runs. A signal that arrives before Tune listens,
+    or a second signal, raises at once.
+    """
+
+    def __init__(self, lineage: tracking.TrialLineage) -> None:
+        self.lineage = lineage
+        self.name: str | None = None
+        self.usr1_before = signal.getsignal(signal.SIGUSR1)
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        first = self.name is None
+        self.name = self.name or signal.Signals(signum).name
+        self.lineage.stopping = self.name
+        tune_stop = signal.getsignal(signal.SIGUSR1)
+        if first and callable(tune_stop) and tune_stop is not self.usr1_before:
+            tune_stop(signum, frame)
+            return
+        raise _Interrupted(self.name)
 
 
 def run_sweep(
@@ -188,6 +235,8 @@ def run_sweep(
 
     started_ray = _init_ray(address)
     try:
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        check_shared_storage(storage, spec.storage.shared, alive)
         _check_resources(spec)
         say(f"ray: {ray.cluster_resources()}; tracking: {uri}; storage: {storage}")
         return _run(spec, spec_path, client, uri, experiment_id, storage, say, trainable)
@@ -222,11 +271,16 @@ def _run(
     parent = client.create_run(experiment_id, tags=tags, run_name=spec.name)
     parent_id = parent.info.run_id
     params = {**spec.flat_params(), **searcher_settings(spec)}
-    for chunk in _chunks(list(params.items()), 100):
-        client.log_batch(parent_id, params=[mlflow.entities.Param(k, v) for k, v in chunk])
-    client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json")), "spec.yaml")
-    if spec_path:
-        client.log_artifact(parent_id, spec_path, "spec_file")
+    try:
+        for chunk in _chunks(list(params.items()), 100):
+            client.log_batch(parent_id, params=[mlflow.entities.Param(k, v) for k, v in chunk])
+        client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json")), "spec.yaml")
+        if spec_path:
+            client.log_artifact(parent_id, spec_path, "spec_file")
+    except BaseException as error:  # the parent run must not stay RUNNING
+        killed = isinstance(error, KeyboardInterrupt)
+        tracking.end_run(client, parent_id, "KILLED" if killed else "FAILED")
+        raise
 
     fixed = TrialConfig.from_spec(spec, dict.fromkeys(SWEPT, math.nan), spec.training.seed)
     settings = {k: v for k, v in fixed.as_params().items() if k not in SWEPT}
@@ -271,31 +325,30 @@ def _run(
 
     # Run. Whatever happens, every run of the sweep ends in a terminal state.
     status, results = "FAILED", None
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    stop = _SignalStop(lineage)
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    previous = {s: signal.getsignal(s) for s in handled} if _main_thread() else {}
+    tune_sigint = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     for s in previous:
-        signal.signal(s, _raise_interrupt)
+        if s != signal.SIGUSR1:
+            signal.signal(s, stop)
     try:
         results = tuner.fit()
-        status = "FINISHED"
-    except (KeyboardInterrupt, _Interrupted) as interrupt:
-        say(f"interrupted ({interrupt or 'SIGINT'}): closing the sweep's MLflow runs")
+        status = "KILLED" if stop.name else "FINISHED"
+    except (KeyboardInterrupt, _Interrupted):
         status = "KILLED"
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
+        if status == "KILLED":
+            say(f"interrupted ({stop.name or 'SIGINT'}): closing the sweep's MLflow runs")
         lineage.close_open("interrupted")
         counts = lineage.counts()
-        client.log_batch(
-            parent_id,
-            metrics=[
-                mlflow.entities.Metric(f"trials_{k}", v, int(time.time() * 1000), 0)
-                for k, v in counts.items()
-            ]
-            + [
-                mlflow.entities.Metric(
-                    "sweep_seconds", time.perf_counter() - started, int(time.time() * 1000), 0
-                )
-            ],
+        summary = {f"trials_{k}": v for k, v in counts.items()}
+        tracking.log_summary(
+            client, parent_id, {**summary, "sweep_seconds": time.perf_counter() - started}
         )
         if status != "FINISHED":
             tracking.end_run(client, parent_id, status)
@@ -303,12 +356,27 @@ def _run(
 
     result = SweepResult(uri, experiment_id, parent_id, status, counts, storage_path=storage)
     try:
-        if results is not None:
+        if status == "FINISHED" and results is not None:
             result.best = _log_best(spec, client, uri, parent_id, lineage, results, data, say)
+    except KeyboardInterrupt:
+        status = result.status = "KILLED"
+        raise
     finally:
         tracking.end_run(client, parent_id, status)
         tracking.close_stale_runs(client, experiment_id, parent_id)
     return result
+
+
+def _main_thread() -> bool:
+    """Signal handlers can only be set from the main thread."""
+    return threading.current_thread() is threading.main_thread()
+
+
+def _restore_env(key: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(key, None)
+    else:
+        os.environ[key] = value
 
 
 def _chunks(items: list, size: int) -> list[list]:
@@ -316,14 +384,25 @@ def _chunks(items: list, size: int) -> list[list]:
 
 
 def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict[str, Any]:
-    """Evaluate the best trial's final weights on validation and test; log it as a model."""
-    try:
-        best = results.get_best_result(METRIC, MODE, scope="last", filter_nan_and_inf=True)
-    except RuntimeError:
-        say("no trial reported a finite val_acc: no best model")
+    """Evaluate the best trial's final weights on validation and test; log it as a model.
+
+    Candidates are the trials that trained (completed or stopped early) and left a checkpoint;
+    a diverged, failed or interrupted trial is never the best, whatever it last reported.
+    """
+    trained = ("completed", "stopped_early")
+    candidates = [
+        r
+        for r in results
+        if r.error is None
+        and r.checkpoint is not None
+        and r.metrics
+        and lineage.outcomes.get(r.metrics.get("trial_id")) in trained
+        and math.isfinite(float(r.metrics.get(METRIC, math.nan)))
+    ]
+    if not candidates:
+        say("no trial trained to a finite val_acc: no best model")
         return {}
-    if best.checkpoint is None or best.metrics is None:
-        return {}
+    best = max(candidates, key=lambda r: float(r.metrics[METRIC]))
     trial_id = best.metrics["trial_id"]
     state = load_checkpoint_state(best.checkpoint)
     cfg = TrialConfig(**state["config"])
@@ -373,7 +452,6 @@ def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict
         info = mlflow.pytorch.log_model(
             model.eval(),
             name="best_model",
-            registered_model_name=spec.name if spec.tracking.register_model else None,
             # Pickle keeps the nn.Module (train/eval modes, stochastic depth) intact on load;
             # it needs regmodels importable wherever the model is loaded.
             serialization_format="pickle",
@@ -381,10 +459,14 @@ def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict
             pip_requirements=[],
         )
     best_info["model_uri"] = info.model_uri
-    version = info.registered_model_version
-    if version is not None:
-        client.set_registered_model_alias(spec.name, "best", str(version))
-        best_info["registered"] = f"models:/{spec.name}@best"
+    if spec.tracking.register_model:
+        try:
+            version = mlflow.register_model(info.model_uri, spec.name)
+            client.set_registered_model_alias(spec.name, "best", str(version.version))
+            best_info["registered"] = f"models:/{spec.name}@best"
+        except mlflow.exceptions.MlflowException as error:
+            log.warning("best model not registered at %s: %s", uri, error)
+            say(f"this tracking store did not register the model; load it from {info.model_uri}")
     say(
         f"best trial {trial_id}: val_acc={val_acc:.4f} test_acc={test_acc:.4f} "
         f"model {best_info['model_uri']}"

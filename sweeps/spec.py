@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from regmodels.resnet import parse_depth
 
@@ -177,6 +184,9 @@ class TrackingSpec(_Strict):
 class StorageSpec(_Strict):
     path: str = "ray_results"
     checkpoints_to_keep: Annotated[int, Field(ge=1)] = 1
+    # A local `path` that every node of a multi-node cluster mounts (NFS, EFS). False: a local
+    # path is taken to be on the head's disk only, and a multi-node sweep refuses it.
+    shared: bool = False
 
 
 class SweepSpec(_Strict):

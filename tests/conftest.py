@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parent.parent
 # The tests never read the user's own tracking store.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("RAY_ADDRESS", None)
+# Single-node Ray in these tests listens on loopback only (set before Ray is imported; the
+# multi-node tests give each node its own 127.0.0.x address instead).
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def free_port() -> int:
