@@ -116,17 +116,25 @@ def check_shared_storage(path: str, shared: bool, alive_nodes: int) -> None:
     )
 
 
-def _check_resources(spec: SweepSpec) -> None:
+def _check_resources(spec: SweepSpec, local: bool, say: Callable[[str], None]) -> None:
+    """One trial must fit the cluster. A local Ray cannot grow, so a misfit is refused; a
+    joined cluster may have an autoscaler that adds GPU workers on demand, so it is told."""
     available = ray.cluster_resources()
     need = {"CPU": spec.resources.cpus_per_trial, "GPU": spec.resources.gpus_per_trial}
     need.update(spec.resources.custom)
     short = {k: v for k, v in need.items() if v > 0 and available.get(k, 0.0) < v}
-    if short:
-        have = {k: available.get(k, 0.0) for k in short}
+    if not short:
+        return
+    have = {k: available.get(k, 0.0) for k in short}
+    if local:
         raise PreflightError(
-            f"one trial needs {short} but the Ray cluster has {have}: lower "
-            "resources.cpus_per_trial / gpus_per_trial, or add nodes"
+            f"one trial needs {short} but this machine's Ray has {have}: lower "
+            "resources.cpus_per_trial / gpus_per_trial, or join a cluster with --address"
         )
+    say(
+        f"warning: one trial needs {short} and the cluster has {have} now; trials wait until "
+        "the autoscaler adds a node that fits (check cluster.yaml's worker types if none comes)"
+    )
 
 
 def _searcher(spec: SweepSpec) -> OptunaSearch:
@@ -237,7 +245,7 @@ def run_sweep(
     try:
         alive = sum(1 for node in ray.nodes() if node.get("Alive"))
         check_shared_storage(storage, spec.storage.shared, alive)
-        _check_resources(spec)
+        _check_resources(spec, local=started_ray, say=say)
         say(f"ray: {ray.cluster_resources()}; tracking: {uri}; storage: {storage}")
         return _run(spec, spec_path, client, uri, experiment_id, storage, say, trainable)
     finally:

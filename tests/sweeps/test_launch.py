@@ -1,0 +1,37 @@
+"""Preflight of the resources a trial needs, on a local Ray the CLI starts itself."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import small_spec_data
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_trial_that_cannot_fit_a_local_ray_is_refused_before_any_run(tmp_path: Path) -> None:
+    data = small_spec_data(tmp_path, resources={"gpus_per_trial": 1})
+    spec_path = tmp_path / "gpu.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps", "run", str(spec_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "'GPU': 1.0" in done.stderr and "gpus_per_trial" in done.stderr
+    assert "staged" not in done.stdout
+    client = MlflowClient(data["tracking"]["uri"])
+    experiment = client.get_experiment_by_name(data["tracking"]["experiment"])
+    assert client.search_runs([experiment.experiment_id]) == []
+    assert not any((tmp_path / "ray_results").glob("*/*"))
