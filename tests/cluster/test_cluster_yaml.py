@@ -99,7 +99,7 @@ BROKEN = {
         "head_node_type: head.gpu",
     ),
     "fractional GPU resource": (r'"GPU": 1\}', '"GPU": 0.5}'),
-    "min_workers above max_workers": (r"(?m)^    min_workers: 1$", "    min_workers: 9"),
+    "min_workers above max_workers": (r"(?m)^    min_workers: 0$", "    min_workers: 9"),
     "unknown key in a node type": (r"(?m)^    min_workers: 0$", "    min_worker: 0"),
     "provider without a type": (r"(?m)^  type: aws\n", ""),
 }
