@@ -181,7 +181,14 @@ def _init_ray(address: str | None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
         return False
-    ray.init(include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    # address="local": always a new Ray for this sweep, never a `ray start` cluster that
+    # happens to run on this machine.
+    ray.init(
+        address="local",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     return True
 
 

@@ -17,11 +17,13 @@ Outcomes and the MLflow status each maps to:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -59,44 +61,101 @@ _NOT_METRICS = {
 _PACKAGES = ("regsweep", "torch", "torchvision", "ray", "optuna", "mlflow", "pandas", "numpy")
 ERROR_TAIL_LINES = 20
 MLFLOW_TAG_LIMIT = 4_000
+# The preflight wants an answer in seconds. MLflow's own defaults (7 retries with exponential
+# backoff, 120 s per request) make an unreachable server look like a hang of several minutes.
+PREFLIGHT_HTTP_TIMEOUT_S = 10
+PREFLIGHT_HTTP_RETRIES = 1
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says which URI and why."""
 
 
+@contextlib.contextmanager
+def _quick_http_failures() -> Iterator[None]:
+    """Within the block, MLflow gives up on an HTTP request after one retry and 10 s."""
+    settings = {
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(PREFLIGHT_HTTP_RETRIES),
+        "MLFLOW_HTTP_REQUEST_TIMEOUT": str(PREFLIGHT_HTTP_TIMEOUT_S),
+    }
+    saved = {key: os.environ.get(key) for key in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _first_line(error: BaseException, limit: int = 400) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0][:limit] if text else type(error).__name__
+
+
 def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
     """Connect to `uri`, create or find experiment `name`, and prove the store is writable.
 
     This is the preflight: it raises TrackingError with the URI and the cause, before Ray or
-    any trial is started.
+    any trial is started, within seconds even when a server does not answer. Several drivers
+    may open the same experiment at once; the one that loses the race to create it uses the
+    winner's.
     """
-    client = MlflowClient(tracking_uri=uri)
     try:
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            experiment_id = client.create_experiment(name)
-        elif experiment.lifecycle_stage != "active":
-            raise TrackingError(
-                f"experiment {name!r} at {uri} is deleted; restore it in the MLflow UI or "
-                "choose another tracking.experiment"
+        with _quick_http_failures():
+            client = MlflowClient(tracking_uri=uri)
+            experiment = client.get_experiment_by_name(name)
+            if experiment is None:
+                experiment_id = _create_experiment(client, uri, name)
+            elif experiment.lifecycle_stage != "active":
+                raise TrackingError(
+                    f"experiment {name!r} at {uri} is deleted; restore it in the MLflow UI, "
+                    "delete it for good with `mlflow gc`, or choose another tracking.experiment"
+                )
+            else:
+                experiment_id = experiment.experiment_id
+            # Writable: set (and keep) a harmless experiment tag.
+            client.set_experiment_tag(
+                experiment_id, "regsweep.last_preflight", str(int(time.time()))
             )
-        else:
-            experiment_id = experiment.experiment_id
-        # Writable: set (and keep) a harmless experiment tag.
-        client.set_experiment_tag(experiment_id, "regsweep.last_preflight", str(int(time.time())))
     except TrackingError:
         raise
     except Exception as error:  # MLflow raises many types for a bad store; report them all.
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = _first_line(error)
+        hint = "for a server, is it running and is the URI's host and port right?"
+        if "Host header" in reason:
+            hint = "the server refuses this host name: start it with --allowed-hosts"
         raise TrackingError(
             f"tracking store {uri!r} is not reachable or not writable: {reason}. Check "
-            "tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI (for a server, is it running?)"
+            f"tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI ({hint})"
         ) from None
     return client, experiment_id
 
 
-def git_commit(path: str | Path = ".") -> str:
+def _create_experiment(client: MlflowClient, uri: str, name: str) -> str:
+    try:
+        return client.create_experiment(name)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    # Another driver created it between our lookup and our create.
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        raise TrackingError(
+            f"experiment {name!r} at {uri} was created and deleted by another driver while "
+            "this one started; run the command again"
+        )
+    return experiment.experiment_id
+
+
+def git_commit(path: str | Path | None = None) -> str:
+    """The commit of the git checkout at `path`, by default the one this code runs from.
+
+    "unknown" outside a checkout: an installed wheel, or a Ray job's uploaded working dir.
+    """
+    path = Path(__file__).resolve().parent if path is None else path
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=path, capture_output=True, text=True, timeout=10
@@ -122,10 +181,13 @@ def _tail(text: str, lines: int = ERROR_TAIL_LINES) -> str:
 
 def trial_error_text(trial: Trial) -> str:
     """The last lines of a failed trial's error, from Tune's error file or the trial."""
-    path = getattr(trial, "error_file", None)
-    if path and Path(path).exists():
-        return _tail(Path(path).read_text(errors="replace"))
-    error = getattr(trial, "get_error", lambda: None)()
+    try:
+        path = trial.error_file
+        if path and Path(path).exists():
+            return _tail(Path(path).read_text(errors="replace"))
+        error = trial.get_error()
+    except Exception as reading:  # the trial's storage may be gone; keep the sweep going
+        return f"unknown error (Tune's error file could not be read: {reading!r})"
     return _tail(str(error)) if error is not None else "unknown error"
 
 
@@ -135,6 +197,10 @@ class TrialLineage(Callback):
     fixed_params: settings common to all trials, logged as params of each child.
     epochs: the full length of a trial, to tell completed from stopped early.
     progress: called with a one-line summary after every event, or None.
+
+    Set `stopping` to the signal's name once the sweep is being interrupted: from then on a
+    trial that ends before its last epoch, or fails, counts as interrupted (KILLED), since a
+    signal may reach the trials' processes as well as the driver.
     """
 
     def __init__(
@@ -159,6 +225,7 @@ class TrialLineage(Callback):
         self.epochs = epochs
         self.num_trials = num_trials
         self.progress = progress
+        self.stopping: str | None = None
         self.run_ids: dict[str, str] = {}
         self.outcomes: dict[str, str] = {}
         self.last_results: dict[str, dict[str, Any]] = {}
@@ -166,7 +233,9 @@ class TrialLineage(Callback):
 
     # Tune callback hooks
 
-    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+    def on_trial_start(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         if trial.trial_id in self.run_ids:
             return
         tags = {
@@ -187,12 +256,12 @@ class TrialLineage(Callback):
 
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
-    ):
+    ) -> None:
         run_id = self.run_ids.get(trial.trial_id)
         if run_id is None:
             return
         self.last_results[trial.trial_id] = dict(result)
-        step = int(result.get("training_iteration", 0))
+        step = _epoch(result)
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, step)
@@ -204,7 +273,7 @@ class TrialLineage(Callback):
         tags = []
         if trial.trial_id not in self.node_logged:
             self.node_logged.add(trial.trial_id)
-            for key in ("node_ip", "hostname", "device"):
+            for key in ("node_ip", "node_id", "hostname", "device"):
                 if key in result:
                     tags.append(RunTag(key, str(result[key])))
         self.client.log_batch(run_id, metrics=metrics, tags=tags, synchronous=True)
@@ -215,18 +284,25 @@ class TrialLineage(Callback):
             f"executed={result.get('executed_fraction', math.nan):.2f}",
         )
 
-    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
+    def on_trial_complete(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
         last = self.last_results.get(trial.trial_id) or trial.last_result or {}
         if float(last.get("diverged", 0.0)) > 0:
             outcome = "diverged"
-        elif int(last.get("training_iteration", 0)) < self.epochs:
-            outcome = "stopped_early"
-        else:
+        elif _epoch(last) >= self.epochs:
             outcome = "completed"
+        elif self.stopping:
+            outcome = "interrupted"
+        else:
+            outcome = "stopped_early"
         self._finish(trial, outcome)
 
-    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any):
-        self._finish(trial, "error", error=trial_error_text(trial))
+    def on_trial_error(
+        self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
+    ) -> None:
+        outcome = "interrupted" if self.stopping else "error"
+        self._finish(trial, outcome, error=trial_error_text(trial))
 
     # Closing
 
@@ -250,15 +326,18 @@ class TrialLineage(Callback):
         self._say(trial, outcome)
 
     def _end(self, trial_id: str, outcome: str, error: str | None = None) -> None:
+        # The status first: a run must not stay RUNNING because an artifact upload failed.
         run_id = self.run_ids[trial_id]
         self.outcomes[trial_id] = outcome
+        tags = [RunTag(OUTCOME_TAG, outcome)]
+        if error is not None:
+            tags.append(RunTag("error", error))
         try:
-            self.client.set_tag(run_id, OUTCOME_TAG, outcome)
-            if error is not None:
-                self.client.set_tag(run_id, "error", error)
-                self.client.log_text(run_id, error, "error.txt")
+            self.client.log_batch(run_id, tags=tags, synchronous=True)
             self.client.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
-        except MlflowException:
+            if error is not None:
+                self.client.log_text(run_id, error, "error.txt")
+        except Exception:  # the store failing here must not end the sweep
             log.exception("could not close MLflow run %s of trial %s", run_id, trial_id)
 
     def _say(self, trial: Trial, what: str) -> None:
@@ -271,21 +350,56 @@ class TrialLineage(Callback):
         )
 
 
+def _epoch(result: Mapping[str, Any]) -> int:
+    """The epoch a result belongs to: its `epoch` metric, else Tune's iteration count.
+
+    `epoch` survives a trial's restore from a checkpoint, so steps stay = epochs.
+    """
+    value = result.get("epoch", result.get("training_iteration", 0))
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def log_summary(client: MlflowClient, parent_run_id: str, metrics: Mapping[str, float]) -> None:
+    """Log the sweep's summary metrics (step 0) to the parent run; log, never raise, on error."""
+    now = int(time.time() * 1000)
+    try:
+        client.log_batch(
+            parent_run_id,
+            metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
+            synchronous=True,
+        )
+    except Exception:
+        log.exception("could not log the sweep summary to MLflow run %s", parent_run_id)
+
+
 def end_run(client: MlflowClient, run_id: str, status: str) -> None:
     """Set a run's terminal status, logging rather than raising on failure."""
     try:
         client.set_terminated(run_id, status=status)
-    except MlflowException:
+    except Exception:
         log.exception("could not end MLflow run %s as %s", run_id, status)
 
 
 def close_stale_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
-    """Mark any run of this sweep still RUNNING as KILLED; returns how many there were."""
-    stale = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'",
-    )
-    for run in stale:
-        client.set_tag(run.info.run_id, OUTCOME_TAG, "interrupted")
-        client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    """Mark any child run of this sweep still RUNNING as KILLED; returns how many there were.
+
+    The last line of defence after an interrupt: it finds runs by their parent tag in the
+    store itself, so it also closes runs the callback created but never saw end.
+    """
+    try:
+        stale = client.search_runs(
+            [experiment_id],
+            filter_string=(
+                f"tags.`{PARENT_TAG}` = '{parent_run_id}' and attributes.status = 'RUNNING'"
+            ),
+        )
+        for run in stale:
+            client.set_tag(run.info.run_id, OUTCOME_TAG, "interrupted")
+            client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
+    except Exception:
+        log.exception("could not close the RUNNING runs of sweep run %s", parent_run_id)
+        return 0
     return len(stale)
