@@ -1,16 +1,24 @@
 """Datasets: staged once per sweep in the driver, trained from device-resident tensors.
 
-`stage_dataset` loads a dataset (downloading it once if needed), makes the seeded
-train/validation/test split and returns uint8 arrays. The driver puts the result in Ray's object
-store, so trials never open dataset files. Inside a trial, `DeviceSplit` moves one split to the
-trial's device once, normalizes it there, and draws shuffled, augmented mini-batches from those
-tensors: no per-image Python transforms, no DataLoader workers.
+`stage_dataset` runs in the driver only. It reads a dataset from its source (scikit-learn's
+digits, or CIFAR-10/100 through torchvision's dataset classes, downloading them into the cache
+directory once if they are not there), makes the seeded train/validation/test split and returns
+uint8 arrays. The driver puts the result in Ray's object store, so trials never open dataset
+files, never download and never take a file lock.
+
+Inside a trial, `DeviceSplit` copies one split to the trial's device once, normalizes it there,
+and draws shuffled mini-batches from those tensors with the augmentation applied per sample but
+computed for the whole batch at once on the device: no per-image Python transforms and no
+DataLoader workers between the data and the GPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,21 +32,32 @@ from sweeps.spec import Augment, DatasetSpec
 log = logging.getLogger(__name__)
 
 DATA_ROOT_ENV = "REGSWEEP_DATA"
+DEFAULT_DATA_ROOT = "~/.cache/regsweep"
+LOCK_FILE = ".regsweep.lock"
+# The paper's split: 5,000 of CIFAR's 50,000 training images held out, 45,000 trained on.
 DEFAULT_CIFAR_VAL_SIZE = 5_000
+# Digits (1,797 images) has no test set of its own: this many go to each of val and test.
 DEFAULT_DIGITS_HOLDOUT = 270
+CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
-# How many times this process has loaded a dataset from its source; trials report theirs so
-# that a sweep can show that only the driver ever loaded anything.
+# How many times this process has read a dataset from its source (files or scikit-learn).
+# A trial reports its own count as `data_loads_in_worker`, so that a sweep shows in its
+# record that only the driver ever loaded anything.
 _loads_in_process = 0
 
 
+class DatasetError(RuntimeError):
+    """A dataset cannot be loaded; the message says where it was looked for and what to do."""
+
+
 def loads_in_process() -> int:
+    """Times this process read a dataset from its source: 1 in a sweep's driver, 0 in a trial."""
     return _loads_in_process
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 (N, C, H, W) and integer labels (N,)."""
+    """Images as uint8 (N, C, H, W) and integer class labels (N,)."""
 
     x: np.ndarray
     y: np.ndarray
@@ -52,7 +71,7 @@ class StagedData:
     """A dataset split three ways, with the per-channel statistics of its training split.
 
     `max_value` is the largest raw pixel value (16 for digits, 255 for CIFAR); `mean` and `std`
-    are per channel, on pixels scaled to [0, 1].
+    are per channel, on pixels scaled to [0, 1], over the training split only.
     """
 
     name: str
@@ -78,44 +97,110 @@ class StagedData:
 
 def data_root(spec: DatasetSpec) -> Path:
     """Cache directory: the spec's `root`, else $REGSWEEP_DATA, else ~/.cache/regsweep."""
-    root = spec.root or os.environ.get(DATA_ROOT_ENV) or "~/.cache/regsweep"
+    root = spec.root or os.environ.get(DATA_ROOT_ENV) or DEFAULT_DATA_ROOT
     return Path(root).expanduser()
 
 
-def _load_digits() -> tuple[Split, None]:
+@contextlib.contextmanager
+def _cache_lock(root: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache directory while its files are checked and read.
+
+    Two sweeps started at once on one machine would otherwise both find CIFAR missing and both
+    download and unpack it into the same folder. Only drivers take this lock. A cache that
+    cannot be written (a shared, read-only copy of the dataset) is read without one.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    handle = None
+    if fcntl is not None:
+        with contextlib.suppress(OSError):
+            handle = open(root / LOCK_FILE, "a")  # noqa: SIM115 (closed below)
+    if handle is None:
+        yield
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+    finally:
+        handle.close()  # closing releases the lock
+
+
+def _load_digits() -> Split:
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
     x = bunch.images.astype(np.uint8)[:, None, :, :]
-    return Split(x, bunch.target.astype(np.int64)), None
+    return Split(x, bunch.target.astype(np.int64))
 
 
-def _load_cifar(name: str, spec: DatasetSpec) -> tuple[Split, Split]:
+def _load_cifar(spec: DatasetSpec) -> tuple[Split, Split]:
+    """CIFAR's training and test sets through torchvision, which checks every file's md5.
+
+    With `download` true, torchvision fetches and unpacks the archive only when the files are
+    missing or corrupt; a second sweep on the same cache reads the files already there.
+    """
     from torchvision.datasets import CIFAR10, CIFAR100
 
-    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    cls = CIFAR10 if spec.name == "cifar10" else CIFAR100
     root = data_root(spec)
-    root.mkdir(parents=True, exist_ok=True)
+    folder = root / cls.base_folder
+    if spec.download:
+        root.mkdir(parents=True, exist_ok=True)
+
     splits = []
-    for train in (True, False):
-        try:
-            ds = cls(str(root), train=train, download=spec.download)
-        except RuntimeError as error:
-            raise RuntimeError(
-                f"{name} is not in {root} and could not be loaded ({error}); put the "
-                f"torchvision files there, or set dataset.root / ${DATA_ROOT_ENV}"
-            ) from None
-        x = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
-        splits.append(Split(x, np.asarray(ds.targets, dtype=np.int64)))
+    with _cache_lock(root):
+        for train in (True, False):
+            try:
+                # The download check (an md5 of every file) is needed once, not per split.
+                ds = cls(str(root), train=train, download=spec.download and train)
+            except RuntimeError as error:
+                raise DatasetError(
+                    f"{spec.name} is missing or corrupt in {folder} ({error}). Set "
+                    f"dataset.download: true, copy torchvision's {cls.base_folder}/ folder "
+                    f"there, or point dataset.root or ${DATA_ROOT_ENV} at a directory that "
+                    "holds it"
+                ) from None
+            except OSError as error:
+                raise DatasetError(
+                    f"{spec.name} could not be downloaded into {root} ({error}). Download "
+                    f"{cls.url} on a machine with internet access, unpack it into {root}, "
+                    f"or point dataset.root or ${DATA_ROOT_ENV} at a directory that holds it"
+                ) from None
+            x = np.ascontiguousarray(ds.data.transpose(0, 3, 1, 2))
+            splits.append(Split(x, np.asarray(ds.targets, dtype=np.int64)))
     return splits[0], splits[1]
 
 
 def _holdout(split: Split, size: int, rng: np.random.Generator, what: str) -> tuple[Split, Split]:
+    """Hold `size` random examples out of `split`: (the rest, the held-out ones)."""
     if size >= len(split):
-        raise ValueError(f"{what}={size} leaves no training data out of {len(split)} examples")
+        raise ValueError(
+            f"dataset.{what}={size} leaves no training data out of {len(split)} examples; "
+            f"choose a {what} below {len(split)}"
+        )
     order = rng.permutation(len(split))
     keep, held = order[size:], order[:size]
     return Split(split.x[keep], split.y[keep]), Split(split.x[held], split.y[held])
+
+
+def channel_stats(x: np.ndarray, max_value: float) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and standard deviation of uint8 images (N, C, H, W), scaled to [0, 1].
+
+    Exact, from a histogram of each channel's 256 possible values: no float copy of the
+    training split is made (45,000 CIFAR images would take 1.1 GB in float64). A constant
+    channel gets std 1 so that normalizing it never divides by zero.
+    """
+    values = np.arange(256, dtype=np.float64) / max_value
+    means, stds = [], []
+    for c in range(x.shape[1]):
+        counts = np.bincount(x[:, c].ravel(), minlength=256).astype(np.float64)
+        mean = counts @ values / counts.sum()
+        std = float(np.sqrt(counts @ (values - mean) ** 2 / counts.sum()))
+        means.append(float(mean))
+        stds.append(std if std > 0 else 1.0)
+    return tuple(means), tuple(stds)
 
 
 def stage_dataset(spec: DatasetSpec) -> StagedData:
@@ -124,74 +209,106 @@ def stage_dataset(spec: DatasetSpec) -> StagedData:
     Digits (1,797 images of 8x8, 17 grey levels) has no test set of its own: `test_size` and
     then `val_size` examples are held out of it. CIFAR keeps its own 10,000 test images and
     holds `val_size` (default 5,000, the paper's 45k/5k split) out of its 50,000 training ones.
+    Call it in the driver only; trials receive the result through Ray's object store.
     """
     global _loads_in_process
-    _loads_in_process += 1
+    started = time.perf_counter()
     rng = np.random.default_rng(spec.split_seed)
 
+    # Read the source, once: this is the count a sweep's trials must never increase.
+    _loads_in_process += 1
     if spec.name == "digits":
-        pool, _ = _load_digits()
+        pool = _load_digits()
         pool, test = _holdout(pool, spec.test_size or DEFAULT_DIGITS_HOLDOUT, rng, "test_size")
-        train, val = _holdout(pool, spec.val_size or DEFAULT_DIGITS_HOLDOUT, rng, "val_size")
         num_classes, max_value = 10, 16.0
     else:
-        pool, test = _load_cifar(spec.name, spec)
-        train, val = _holdout(pool, spec.val_size or DEFAULT_CIFAR_VAL_SIZE, rng, "val_size")
-        num_classes, max_value = (10 if spec.name == "cifar10" else 100), 255.0
+        pool, test = _load_cifar(spec)
+        num_classes, max_value = CIFAR_CLASSES[spec.name], 255.0
+    default_val = DEFAULT_DIGITS_HOLDOUT if spec.name == "digits" else DEFAULT_CIFAR_VAL_SIZE
+    train, val = _holdout(pool, spec.val_size or default_val, rng, "val_size")
 
-    scaled = train.x.astype(np.float64) / max_value
-    mean = tuple(float(m) for m in scaled.mean(axis=(0, 2, 3)))
-    std = tuple(float(s) for s in scaled.std(axis=(0, 2, 3)))
+    # Normalization statistics come from the training split alone.
+    mean, std = channel_stats(train.x, max_value)
     staged = StagedData(spec.name, train, val, test, num_classes, max_value, mean, std)
-    log.info("staged %s: %s", spec.name, staged.sizes())
+    log.info(
+        "staged %s in %.1f s: %s, mean %s, std %s",
+        spec.name,
+        time.perf_counter() - started,
+        staged.sizes(),
+        [round(m, 4) for m in mean],
+        [round(s, 4) for s in std],
+    )
     return staged
 
 
 def random_crop(x: torch.Tensor, padding: int, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop of the original size from a zero-padded batch (N, C, H, W).
+    """Per-sample random crop of the original size from a batch (N, C, H, W) padded with zeros.
 
-    Each sample gets its own shift in [-padding, padding] on each axis; the crop is gathered
-    for the whole batch at once on x's device.
+    Each sample is shifted by its own offset in [-padding, padding] pixels on each axis, and
+    the uncovered border is filled with zeros. On normalized images zero is the training mean
+    colour, which is what the stochastic-depth paper's translation fills in. The crops are
+    gathered for the whole batch at once on x's device.
     """
     if padding == 0:
         return x
-    n, c, h, w = x.shape
+    n, _, h, w = x.shape
     padded = F.pad(x, (padding, padding, padding, padding))
-    shifts = torch.randint(0, 2 * padding + 1, (2, n), device=x.device, generator=generator)
-    rows = shifts[0, :, None] + torch.arange(h, device=x.device)
-    cols = shifts[1, :, None] + torch.arange(w, device=x.device)
-    padded = padded.gather(2, rows[:, None, :, None].expand(n, c, h, w + 2 * padding))
-    return padded.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), device=x.device, generator=generator)
+
+    # Every window of the original size, as a view (N, C, 2p+1, 2p+1, H, W); pick one each.
+    windows = padded.unfold(2, h, 1).unfold(3, w, 1)
+    samples = torch.arange(n, device=x.device)
+    return windows[samples, :, offsets[0], offsets[1]]
 
 
 def random_flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Flip each sample left-right with probability one half."""
+    """Flip each sample of a batch (N, C, H, W) left-right with probability one half."""
     flip = torch.rand(x.shape[0], device=x.device, generator=generator) < 0.5
     return torch.where(flip[:, None, None, None], x.flip(3), x)
 
 
 class DeviceSplit:
-    """One split, normalized once on `device`, served as mini-batches from device memory."""
+    """One split, normalized once on `device`, served as mini-batches from device memory.
+
+    `x` holds the normalized images as float32 (N, C, H, W) and `y` the labels, both on
+    `device`. A trial builds one per split; nothing is read from disk or the host afterwards.
+    """
 
     def __init__(
         self, split: Split, data: StagedData, device: torch.device, augment: Augment | None = None
     ) -> None:
-        x = torch.as_tensor(np.asarray(split.x)).to(device=device, dtype=torch.float32)
+        # Arrays fetched from Ray's object store are read-only views of shared memory; torch
+        # warns about that, but they are only read, and copied to the device at once.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            images = torch.as_tensor(split.x)
+            labels = torch.as_tensor(split.y)
+
+        # Copy uint8 (a quarter of the bytes of float32), then scale and normalize in place
+        # on the device.
+        x = images.to(device).to(torch.float32, copy=True)
         mean = torch.tensor(data.mean, device=device).view(1, -1, 1, 1)
         std = torch.tensor(data.std, device=device).view(1, -1, 1, 1)
-        self.x = (x / data.max_value - mean) / std
-        self.y = torch.as_tensor(np.asarray(split.y)).to(device=device)
-        self.augment = augment
+        self.x = x.div_(data.max_value).sub_(mean).div_(std)
+        self.y = labels.to(device=device, dtype=torch.int64)
+        active = augment is not None and (augment.crop_padding > 0 or augment.flip)
+        self.augment = augment if active else None
 
     def __len__(self) -> int:
         return len(self.y)
+
+    @property
+    def device(self) -> torch.device:
+        return self.x.device
 
     def batches(
         self, batch_size: int, generator: torch.Generator | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Mini-batches in a random order (when `generator` is given) with augmentation.
 
-        Without a generator the order is fixed and nothing is augmented: for evaluation.
+        The order and every crop and flip come from `generator`, which must live on this
+        split's device: the same seed gives the same epoch. Without a generator the order is
+        fixed and nothing is augmented: for evaluation.
         """
         n = len(self)
         if generator is None:
@@ -199,6 +316,7 @@ class DeviceSplit:
                 yield self.x[start : start + batch_size], self.y[start : start + batch_size]
             return
         order = torch.randperm(n, device=self.x.device, generator=generator)
+
         # Training drops the last partial batch (a fresh one each epoch, as the order changes)
         # so that batch norm never sees a batch of one.
         usable = n - n % batch_size if n >= batch_size else n
