@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # GPU check for regmodels: training images/s of ResNet-56 and ResNet-110 with and without
 # channels_last, bf16 autocast and torch.compile, and the stochastic-depth step-time ratio
-# (p_L = 0.5 over none) of regmodels and torchvision on the GPU. About five minutes at most;
-# installs nothing. Run from anywhere:  bash benchmarks/gpu_check.sh [--budget-s 210 ...]
+# (p_L = 0.5 over none) of regmodels and torchvision on the GPU; then one CIFAR-sized epoch of
+# ResNet-20 through regsweep's device-resident pipeline, against the model steps alone and a
+# torchvision DataLoader. About five minutes at most; installs nothing.
+# Run from anywhere:  bash benchmarks/gpu_check.sh [--budget-s 170 ...]
 # Exit status: 0 done, 2 no CUDA device, 3 no Python with torch, 124 hard time limit hit.
 set -euo pipefail
 
@@ -35,6 +37,14 @@ if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 
-# The package from this checkout, whether or not it is installed; a hard stop at 5 minutes.
+# The package from this checkout, whether or not it is installed; hard stops that add up to
+# under 5 minutes.
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-exec timeout 300 "$python" -m benchmarks.gpu_check "$@"
+status=0
+timeout 220 "$python" -m benchmarks.gpu_check --budget-s 170 "$@" || status=$?
+
+echo
+echo "data pipeline on the GPU (ResNet-20, 45,000 CIFAR-shaped images, 4 DataLoader workers)"
+timeout 70 "$python" benchmarks/data_pipeline.py --device cuda --full --epochs 1 --workers 4 \
+    --threads 4 || status=$?
+exit "$status"

@@ -242,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         # switch when it is imported (on Linux it otherwise binds the machine's outward
         # address so that other nodes could join).
         os.environ.setdefault(LOCAL_RAY_ENV, "0")
+    from sweeps.data import DatasetError
     from sweeps.launch import PreflightError
     from sweeps.spec import SpecError
 
@@ -252,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     except PreflightError as error:
         print(f"error: preflight failed, nothing was started: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except DatasetError as error:
+        print(
+            f"error: the dataset could not be staged, no trial was started: {error}",
+            file=sys.stderr,
+        )
         return EXIT_REFUSED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

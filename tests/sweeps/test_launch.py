@@ -35,3 +35,27 @@ def test_a_trial_that_cannot_fit_a_local_ray_is_refused_before_any_run(tmp_path:
     experiment = client.get_experiment_by_name(data["tracking"]["experiment"])
     assert client.search_runs([experiment.experiment_id]) == []
     assert not any((tmp_path / "ray_results").glob("*/*"))
+
+
+def test_a_dataset_that_is_not_there_exits_2_with_the_fix_and_no_run(tmp_path: Path) -> None:
+    data = small_spec_data(
+        tmp_path, dataset={"name": "cifar10", "root": str(tmp_path / "empty"), "download": False}
+    )
+    spec_path = tmp_path / "cifar.yaml"
+    spec_path.write_text(yaml.safe_dump(data))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sweeps", "run", str(spec_path)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "dataset could not be staged" in done.stderr
+    assert str(tmp_path / "empty") in done.stderr and "download" in done.stderr
+    assert "Traceback" not in done.stderr
+    client = MlflowClient(data["tracking"]["uri"])
+    experiment = client.get_experiment_by_name(data["tracking"]["experiment"])
+    assert client.search_runs([experiment.experiment_id]) == []
