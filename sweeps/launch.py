@@ -292,51 +292,53 @@ def _run(
         client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json")), "spec.yaml")
         if spec_path:
             client.log_artifact(parent_id, spec_path, "spec_file")
+
+        fixed = TrialConfig.from_spec(spec, dict.fromkeys(SWEPT, math.nan), spec.training.seed)
+        settings = {k: v for k, v in fixed.as_params().items() if k not in SWEPT}
+        lineage = tracking.TrialLineage(
+            client,
+            experiment_id,
+            parent_id,
+            sweep=spec.name,
+            fixed_params=settings,
+            swept=SWEPT,
+            epochs=spec.training.epochs,
+            num_trials=spec.search.num_trials,
+            progress=say,
+        )
+        resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
+        resources.update(spec.resources.custom)
+        threads = max(1, int(spec.resources.cpus_per_trial))
+        tuner = tune.Tuner(
+            tune.with_resources(
+                tune.with_parameters(
+                    trainable, data_refs=[data_ref], settings=settings, threads=threads
+                ),
+                resources,
+            ),
+            tune_config=tune.TuneConfig(
+                metric=METRIC,
+                mode=MODE,
+                search_alg=_searcher(spec),
+                scheduler=_scheduler(spec),
+                num_samples=spec.search.num_trials,
+                max_concurrent_trials=spec.resources.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{parent_id[:8]}",
+                storage_path=storage,
+                callbacks=[lineage],
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=spec.storage.checkpoints_to_keep
+                ),
+                failure_config=tune.FailureConfig(max_failures=0),
+                verbose=0,
+            ),
+        )
     except BaseException as error:  # the parent run must not stay RUNNING
         killed = isinstance(error, KeyboardInterrupt)
         tracking.end_run(client, parent_id, "KILLED" if killed else "FAILED")
         raise
-
-    fixed = TrialConfig.from_spec(spec, dict.fromkeys(SWEPT, math.nan), spec.training.seed)
-    settings = {k: v for k, v in fixed.as_params().items() if k not in SWEPT}
-    lineage = tracking.TrialLineage(
-        client,
-        experiment_id,
-        parent_id,
-        sweep=spec.name,
-        fixed_params=settings,
-        swept=SWEPT,
-        epochs=spec.training.epochs,
-        num_trials=spec.search.num_trials,
-        progress=say,
-    )
-    resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
-    resources.update(spec.resources.custom)
-    threads = max(1, int(spec.resources.cpus_per_trial))
-    tuner = tune.Tuner(
-        tune.with_resources(
-            tune.with_parameters(
-                trainable, data_refs=[data_ref], settings=settings, threads=threads
-            ),
-            resources,
-        ),
-        tune_config=tune.TuneConfig(
-            metric=METRIC,
-            mode=MODE,
-            search_alg=_searcher(spec),
-            scheduler=_scheduler(spec),
-            num_samples=spec.search.num_trials,
-            max_concurrent_trials=spec.resources.max_concurrent_trials,
-        ),
-        run_config=tune.RunConfig(
-            name=f"{spec.name}-{parent_id[:8]}",
-            storage_path=storage,
-            callbacks=[lineage],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.storage.checkpoints_to_keep),
-            failure_config=tune.FailureConfig(max_failures=0),
-            verbose=0,
-        ),
-    )
 
     # Run. Whatever happens, every run of the sweep ends in a terminal state.
     status, results = "FAILED", None
@@ -376,6 +378,9 @@ def _run(
     except KeyboardInterrupt:
         status = result.status = "KILLED"
         raise
+    except Exception as error:  # the trials' record stands even if the best model cannot be kept
+        log.exception("the best model could not be logged")
+        say(f"warning: the best model could not be logged: {error}")
     finally:
         tracking.end_run(client, parent_id, status)
         tracking.close_stale_runs(client, experiment_id, parent_id)
