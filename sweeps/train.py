@@ -27,6 +27,21 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[dict[str, float], Callable[[], dict[str, Any]]], None]
 
+# The metrics `run_trial` reports after every epoch (see its docstring for their meaning).
+EPOCH_METRICS = (
+    "train_loss",
+    "train_acc",
+    "val_loss",
+    "val_acc",
+    "gen_gap",
+    "epoch_seconds",
+    "executed_fraction",
+    "expected_executed_fraction",
+    "lr",
+    "diverged",
+    "epoch",
+)
+
 
 @dataclass(frozen=True)
 class TrialConfig:

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import small_spec_data
+from tests.conftest import run_cli, small_spec_data
 
 pytestmark = pytest.mark.integration
 
@@ -20,13 +18,7 @@ def test_a_trial_that_cannot_fit_a_local_ray_is_refused_before_any_run(tmp_path:
     spec_path = tmp_path / "gpu.yaml"
     spec_path.write_text(yaml.safe_dump(data))
 
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeps", "run", str(spec_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(["run", str(spec_path)], cwd=tmp_path)
 
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "'GPU': 1.0" in done.stderr and "gpus_per_trial" in done.stderr
@@ -44,13 +36,7 @@ def test_a_dataset_that_is_not_there_exits_2_with_the_fix_and_no_run(tmp_path: P
     spec_path = tmp_path / "cifar.yaml"
     spec_path.write_text(yaml.safe_dump(data))
 
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeps", "run", str(spec_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    done = run_cli(["run", str(spec_path)], cwd=tmp_path)
 
     assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-2000:]
     assert "dataset could not be staged" in done.stderr

@@ -32,25 +32,12 @@ from sweeps.data import DeviceSplit, stage_dataset
 from sweeps.launch import SweepResult, run_sweep
 from sweeps.spec import SWEPT, SweepSpec, parse_spec
 from sweeps.tracking import OUTCOME_TAG, PARENT_TAG, ROLE_TAG
-from sweeps.train import evaluate
+from sweeps.train import EPOCH_METRICS, evaluate
 from tests.conftest import REPO, free_port, small_spec_data
 
 pytestmark = pytest.mark.integration
 
 SERVER_START_TIMEOUT_S = 180  # two busy cores: importing the server alone can take 30 s
-EPOCH_METRICS = (
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "gen_gap",
-    "epoch_seconds",
-    "executed_fraction",
-    "expected_executed_fraction",
-    "lr",
-    "diverged",
-    "epoch",
-)
 
 
 @pytest.fixture(scope="module")

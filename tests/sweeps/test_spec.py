@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
 from sweeps.spec import SpecError, SweepSpec, load_spec, parse_spec
-from tests.conftest import REPO, small_spec_data
+from tests.conftest import REPO, run_cli, small_spec_data
 
 
 def test_embedded_digits_spec_is_valid_and_sweeps_all_three_regularizers() -> None:
@@ -136,13 +134,7 @@ def test_cli_refuses_bad_spec_with_exit_2_and_writes_nothing(tmp_path: Path) -> 
     spec_path.write_text(yaml.safe_dump(data))
     before = sorted(p.name for p in tmp_path.iterdir())
 
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeps", "run", str(spec_path)],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli(["run", str(spec_path)], cwd=tmp_path)
 
     assert done.returncode == 2
     assert "search.space.survival_prob" in done.stderr
@@ -151,12 +143,6 @@ def test_cli_refuses_bad_spec_with_exit_2_and_writes_nothing(tmp_path: Path) -> 
 
 
 def test_cli_check_accepts_the_embedded_spec() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "sweeps", "check", "sweeps/specs/digits.yaml"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    done = run_cli(["check", "sweeps/specs/digits.yaml"], cwd=REPO)
     assert done.returncode == 0, done.stderr
     assert "valid sweep spec 'digits-resnet20'" in done.stdout

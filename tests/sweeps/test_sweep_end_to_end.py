@@ -9,19 +9,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.spec import SWEPT, load_spec
+from sweeps.train import EPOCH_METRICS
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
-
-EPOCH_METRICS = (
-    "train_loss",
-    "train_acc",
-    "val_loss",
-    "val_acc",
-    "gen_gap",
-    "epoch_seconds",
-    "executed_fraction",
-)
 
 
 @pytest.fixture(scope="module")
