@@ -152,8 +152,8 @@ def lr_factor(cfg: TrialConfig, epoch: float) -> float:
     return 1.0
 
 
-def _autocast(cfg: TrialConfig, device: torch.device) -> contextlib.AbstractContextManager:
-    if cfg.bf16:
+def _autocast(cfg: TrialConfig | None, device: torch.device) -> contextlib.AbstractContextManager:
+    if cfg is not None and cfg.bf16:
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -172,7 +172,7 @@ def evaluate(
     for x, y in split.batches(batch_size):
         if cfg is not None and cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(cfg, device) if cfg is not None else contextlib.nullcontext():
+        with _autocast(cfg, device):
             logits = model(x)
         total_loss += F.cross_entropy(logits.float(), y, reduction="sum").item()
         correct += (logits.argmax(1) == y).sum().item()
@@ -228,8 +228,11 @@ def run_trial(
         started = time.perf_counter()
         model.train()
         regmodels.reset_executed_counts(model)
-        loss_sum, correct, seen = 0.0, 0, 0
-        diverged = False
+        # Sums stay on the device: one synchronization per epoch, not per step, so that a GPU
+        # never waits for the host. Divergence is therefore seen at the end of the epoch.
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
 
         # One pass over the training split, learning rate set per step.
         for step, (x, y) in enumerate(train.batches(cfg.batch_size, generator)):
@@ -244,21 +247,19 @@ def run_trial(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                diverged = True
-                break
-            loss_sum += loss_value * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
 
+        train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
+        diverged = not math.isfinite(train_loss)
         executed = regmodels.executed_fraction(model)
         if diverged:
             # A diverged network is not evaluated: its val_acc is reported as 0 so that the
             # searcher and the scheduler rank it last.
             metrics = {
-                "train_loss": float("nan"),
-                "train_acc": correct / max(seen, 1),
+                "train_loss": train_loss,
+                "train_acc": train_acc,
                 "val_loss": float("nan"),
                 "val_acc": 0.0,
                 "gen_gap": float("nan"),
@@ -266,9 +267,8 @@ def run_trial(
             }
         else:
             val_loss, val_acc = evaluate(model, val, cfg=cfg)
-            train_acc = correct / seen
             metrics = {
-                "train_loss": loss_sum / seen,
+                "train_loss": train_loss,
                 "train_acc": train_acc,
                 "val_loss": val_loss,
                 "val_acc": val_acc,
