@@ -25,10 +25,16 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 
 
 def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m sweeps ARGS` in `cwd`, as a user runs it; output captured as text."""
+    """`python -m sweeps ARGS` in `cwd`, as a user runs it; output captured as text.
+
+    MLFLOW_TRACKING_URI and RAY_ADDRESS are not passed on: `mlflow.set_tracking_uri` in an
+    earlier test sets the variable in this process, and it would override the spec's store.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
     return subprocess.run(
         [sys.executable, "-m", "sweeps", *args],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -60,6 +66,20 @@ def small_spec_data(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any
         else:
             data[key] = value
     return data
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_uri_leaks() -> Iterator[None]:
+    """Undo `mlflow.set_tracking_uri` after each test.
+
+    MLflow also writes the URI to $MLFLOW_TRACKING_URI, which outranks a spec's tracking.uri,
+    so one test's store would otherwise become the store of every later sweep in the session.
+    """
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(None)
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
 @pytest.fixture
