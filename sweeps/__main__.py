@@ -1,4 +1,4 @@
-"""regsweep command line: run, check, report, server.
+"""regsweep command line: run, resume, extend, check, report, server.
 
 Exit codes: 0 done; 2 the spec or the preflight was refused (nothing started, nothing
 written); 130 interrupted; 1 anything else.
@@ -11,13 +11,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED = 0, 1, 2, 130
 LOCAL_RAY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
-def _printer() -> callable:
+def _printer() -> Callable[[str], None]:
     start = time.monotonic()
 
     def say(line: str) -> None:
@@ -50,7 +51,6 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     spec = _load(args.spec, args.smoke_test, args.trials)
-    from sweeps import analysis
     from sweeps.launch import resolve_tracking_uri, run_sweep
 
     say = _printer()
@@ -69,16 +69,71 @@ def cmd_run(args: argparse.Namespace) -> int:
         address=args.address,
         progress=say,
     )
-    say(f"sweep {result.status}: trials by outcome {result.outcomes}")
+    return _finish(result, spec.experiment, args.top, say)
 
+
+def _continued_sweep(args: argparse.Namespace) -> tuple[str, str | None]:
+    """Tracking URI and experiment of the sweep that resume or extend continues."""
+    from sweeps.launch import DEFAULT_TRACKING_URI
+
+    spec = _load(args.spec) if args.spec else None
+    uri = (
+        args.tracking_uri
+        or os.environ.get("MLFLOW_TRACKING_URI")
+        or (spec.tracking.uri if spec else None)
+        or DEFAULT_TRACKING_URI
+    )
+    experiment = args.experiment or (spec.experiment if spec else None)
+    return uri, experiment
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from sweeps.launch import resume_sweep
+
+    uri, experiment = _continued_sweep(args)
+    say = _printer()
+    result = resume_sweep(
+        uri,
+        run_id=args.run_id,
+        experiment=experiment,
+        address=args.address,
+        progress=say,
+        retry_errored=args.retry_errored,
+        force=args.force,
+    )
+    return _finish(result, experiment, args.top, say)
+
+
+def cmd_extend(args: argparse.Namespace) -> int:
+    from sweeps.launch import extend_sweep
+
+    uri, experiment = _continued_sweep(args)
+    say = _printer()
+    result = extend_sweep(
+        uri,
+        args.trials,
+        run_id=args.run_id,
+        experiment=experiment,
+        storage_path=args.storage_path,
+        address=args.address,
+        progress=say,
+    )
+    return _finish(result, experiment, args.top, say)
+
+
+def _finish(result, experiment: str | None, top: int, say) -> int:
+    """Print the sweep's outcome, its best trials read back from MLflow, and where it is."""
     import mlflow
     import pandas as pd
 
-    mlflow.set_tracking_uri(uri)
+    from sweeps import analysis
+
+    say(f"sweep {result.status}: trials by outcome {result.outcomes}")
+    mlflow.set_tracking_uri(result.tracking_uri)
     frame = analysis.trials_frame(result.parent_run_id, [result.experiment_id])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\nBest trials (final epoch, read back from MLflow):")
-        table = analysis.best_trials(frame, top=args.top)
+        table = analysis.best_trials(frame, top=top)
         print(table.to_string(index=False, float_format="{:.4g}".format))
     if result.best:
         b = result.best
@@ -88,9 +143,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"{b['weight_decay']:.3g}, survival_prob {b['survival_prob']:.3g})"
         )
         print(f"Best model: {b.get('registered', b['model_uri'])}")
-    print(f"MLflow sweep run: {result.parent_run_id} in experiment {spec.experiment!r}")
-    print(f"Open the UI: {analysis.ui_command(uri)}")
+    where = f" in experiment {experiment!r}" if experiment else ""
+    print(f"MLflow sweep run: {result.parent_run_id}{where}")
+    print(f"Open the UI: {analysis.ui_command(result.tracking_uri)}")
     if result.status != "FINISHED":
+        print(
+            f"Continue it: python -m sweeps resume --run-id {result.parent_run_id} "
+            f"--tracking-uri {result.tracking_uri}"
+        )
         return EXIT_INTERRUPTED
     trained = result.outcomes["completed"] + result.outcomes["stopped_early"]
     if trained == 0:
@@ -191,6 +251,36 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--top", type=int, default=5, help="rows in the final table")
     run.set_defaults(func=cmd_run)
 
+    for name, helptext in (
+        ("resume", "continue an interrupted or crashed sweep in the same MLflow runs"),
+        ("extend", "add trials to a finished sweep, the searcher warm-started by it"),
+    ):
+        cont = sub.add_parser(name, help=helptext)
+        cont.add_argument(
+            "spec", nargs="?", help="spec whose experiment holds the sweep (its latest sweep)"
+        )
+        cont.add_argument("--experiment", help="experiment name (default: the spec's)")
+        cont.add_argument("--run-id", help="the sweep's parent run id (default: the latest)")
+        cont.add_argument("--tracking-uri", help="MLflow tracking URI (overrides env and spec)")
+        cont.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)")
+        cont.add_argument("--top", type=int, default=5, help="rows in the final table")
+        if name == "resume":
+            cont.add_argument(
+                "--retry-errored",
+                action="store_true",
+                help="also resume trials that raised, from their last checkpoint",
+            )
+            cont.add_argument(
+                "--force",
+                action="store_true",
+                help="take over a RUNNING sweep whose driver cannot be checked (other host)",
+            )
+            cont.set_defaults(func=cmd_resume)
+        else:
+            cont.add_argument("--trials", type=int, required=True, help="trials to add, >= 1")
+            cont.add_argument("--storage-path", help="Tune storage path for the new trials")
+            cont.set_defaults(func=cmd_extend)
+
     check = sub.add_parser("check", help="validate a spec file without running it")
     check.add_argument("spec")
     check.add_argument("--smoke-test", action="store_true")
@@ -237,7 +327,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    if args.command == "run" and not (args.address or os.environ.get("RAY_ADDRESS")):
+    starts_ray = args.command in ("run", "resume", "extend")
+    if starts_ray and not (args.address or os.environ.get("RAY_ADDRESS")):
         # The local Ray started for this sweep alone listens on loopback only. Ray reads this
         # switch when it is imported (on Linux it otherwise binds the machine's outward
         # address so that other nodes could join).

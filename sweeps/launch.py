@@ -1,21 +1,28 @@
-"""Run a sweep: preflight, stage data, open lineage, then Tuner(OptunaSearch + ASHA).
+"""Run, resume and extend sweeps: preflight, stage data, open lineage, then Tune.
 
 The order matters. Everything that can fail cheaply (the tracking store, the storage path, the
 cluster's resources) is checked before data is staged or any trial is started, and the parent
-run is opened only once all of that has passed. From then on a `finally` block guarantees that
-every MLflow run of the sweep ends in a terminal state, however the sweep ends.
+run is opened (or, to continue a sweep, reopened) only once all of that has passed. From then
+on a `finally` block guarantees that every MLflow run of the sweep ends in a terminal state,
+however the sweep ends.
+
+`run_sweep` starts a Tuner(OptunaSearch + ASHA); `resume_sweep` restores the Tune experiment of
+an interrupted sweep; `extend_sweep` starts a new Tune experiment for more trials whose searcher
+is warm-started by the trials already there. All three drive Tune through `_drive`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
+import socket
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,8 +36,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps import tracking
-from sweeps.data import DeviceSplit, stage_dataset
-from sweeps.spec import SWEPT, SweepSpec
+from sweeps.data import DeviceSplit, StagedData, stage_dataset
+from sweeps.spec import SWEPT, SweepSpec, load_spec, parse_spec
 from sweeps.train import TrialConfig, build_model, evaluate
 from sweeps.trainable import load_checkpoint_state, train_trial
 
@@ -57,6 +64,7 @@ class SweepResult:
     outcomes: dict[str, int]
     best: dict[str, Any] = field(default_factory=dict)
     storage_path: str = ""
+    tune_path: str = ""  # the Tune experiment directory of this driver's run
 
 
 def resolve_tracking_uri(spec: SweepSpec, override: str | None = None) -> str:
@@ -137,7 +145,10 @@ def _check_resources(spec: SweepSpec, local: bool, say: Callable[[str], None]) -
     )
 
 
-def _searcher(spec: SweepSpec) -> OptunaSearch:
+def _searcher(
+    spec: SweepSpec, evaluated: list[tuple[dict[str, float], float]] | None = None
+) -> OptunaSearch:
+    """Seeded TPE over the spec's ranges; `evaluated` warm-starts it with (values, val_acc)."""
     space = spec.search.space
     distributions = {}
     for name in SWEPT:
@@ -146,14 +157,25 @@ def _searcher(spec: SweepSpec) -> OptunaSearch:
     sampler = optuna.samplers.TPESampler(
         seed=spec.search.seed, n_startup_trials=spec.search.n_startup_trials
     )
-    return OptunaSearch(space=distributions, metric=METRIC, mode=MODE, sampler=sampler)
+    points = [values for values, _ in evaluated or []]
+    rewards = [reward for _, reward in evaluated or []]
+    return OptunaSearch(
+        space=distributions,
+        metric=METRIC,
+        mode=MODE,
+        sampler=sampler,
+        points_to_evaluate=points or None,
+        evaluated_rewards=rewards or None,
+    )
 
 
 def _scheduler(spec: SweepSpec) -> ASHAScheduler | FIFOScheduler:
     if spec.scheduler.name == "fifo":
         return FIFOScheduler()
+    # Rungs count the trial's own `epoch`, which a trial restored from a checkpoint carries
+    # on, rather than Tune's iteration count, which restarts.
     return ASHAScheduler(
-        time_attr="training_iteration",
+        time_attr="epoch",
         max_t=spec.training.epochs,
         grace_period=spec.scheduler.grace_period,
         reduction_factor=spec.scheduler.reduction_factor,
@@ -192,6 +214,23 @@ def _init_ray(address: str | None) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _ray_session(
+    spec: SweepSpec, uri: str, storage: str, address: str | None, say: Callable[[str], None]
+) -> Iterator[None]:
+    """Ray, started or joined, checked to serve the sweep; a Ray we started stops after."""
+    started_ray = _init_ray(address)
+    try:
+        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+        check_shared_storage(storage, spec.storage.shared, alive)
+        _check_resources(spec, local=started_ray, say=say)
+        say(f"ray: {ray.cluster_resources()}; tracking: {uri}; storage: {storage}")
+        yield
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+
 class _Interrupted(Exception):
     pass
 
@@ -221,6 +260,26 @@ class _SignalStop:
         raise _Interrupted(self.name)
 
 
+@dataclass
+class _Sweep:
+    """A sweep whose parent run is open in this driver, and what its Tune run needs."""
+
+    spec: SweepSpec
+    client: mlflow.MlflowClient
+    uri: str
+    experiment_id: str
+    parent_id: str
+    tune_path: str  # the Tune experiment directory this driver runs (or restores)
+    say: Callable[[str], None]
+    adopted: dict[str, tracking.AdoptedTrial] = field(default_factory=dict)
+    num_trials: int = 0  # trials the sweep will have had when this driver is done
+    seconds_before: float = 0.0  # driver time the sweep took before this driver
+
+
+# Builds the Tuner from the wrapped trainable and the lineage's callback.
+TunerFactory = Callable[[Any, tune.Callback], tune.Tuner]
+
+
 def run_sweep(
     spec: SweepSpec,
     *,
@@ -237,54 +296,293 @@ def run_sweep(
     store, the storage path or the cluster cannot serve the sweep. `trainable` is replaceable
     for tests that need a trial to fail on purpose.
     """
-    say = progress or (lambda line: None)
+    say = progress or _silent
     uri = resolve_tracking_uri(spec, tracking_uri)
     storage = resolve_storage(spec, storage_path)
 
     # Preflight: the tracking store and the storage path, before Ray starts.
-    try:
-        client, experiment_id = tracking.open_experiment(uri, spec.experiment)
-    except tracking.TrackingError as error:
-        raise PreflightError(str(error)) from None
+    client, experiment_id = _open_store(uri, spec.experiment)
     _check_local_storage(storage)
 
-    started_ray = _init_ray(address)
-    try:
-        alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-        check_shared_storage(storage, spec.storage.shared, alive)
-        _check_resources(spec, local=started_ray, say=say)
-        say(f"ray: {ray.cluster_resources()}; tracking: {uri}; storage: {storage}")
-        return _run(spec, spec_path, client, uri, experiment_id, storage, say, trainable)
-    finally:
-        if started_ray:
-            ray.shutdown()
+    with _ray_session(spec, uri, storage, address, say):
+        data, data_ref = _stage(spec, say)
+        parent_id = _open_parent(client, experiment_id, spec, spec_path)
+        sweep = _Sweep(
+            spec,
+            client,
+            uri,
+            experiment_id,
+            parent_id,
+            tune_path=_join(storage, f"{spec.name}-{parent_id[:8]}"),
+            say=say,
+            num_trials=spec.search.num_trials,
+        )
+
+        def new_tuner(wrapped: Any, callback: tune.Callback) -> tune.Tuner:
+            return _tuner(spec, wrapped, callback, sweep.tune_path, _searcher(spec))
+
+        return _drive(sweep, data, data_ref, trainable, new_tuner)
 
 
-def _run(
-    spec: SweepSpec,
-    spec_path: str | None,
-    client: mlflow.MlflowClient,
-    uri: str,
-    experiment_id: str,
-    storage: str,
-    say: Callable[[str], None],
-    trainable: Callable[..., None],
+def resume_sweep(
+    tracking_uri: str,
+    *,
+    run_id: str | None = None,
+    experiment: str | None = None,
+    address: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    trainable: Callable[..., None] = train_trial,
+    retry_errored: bool = False,
+    force: bool = False,
 ) -> SweepResult:
-    # Stage the data once and share it through the object store.
-    started = time.perf_counter()
+    """Continue an interrupted or crashed sweep where it stopped, in the same MLflow runs.
+
+    The sweep is `run_id`, or the latest sweep of `experiment`. Tune restores its experiment
+    (searcher state, trials, checkpoints) from the sweep's storage path: unfinished trials go
+    on from their last checkpoint in their own child runs, and the searcher proposes the
+    trials not yet started. Trials that raised stay failed unless `retry_errored`, which
+    resumes them from their last checkpoint too. A RUNNING sweep is taken over only when its
+    driver is gone (checked on this host; `force` skips the check).
+    """
+    say = progress or _silent
+    client, parent = _open_sweep_run(tracking_uri, run_id, experiment)
+    parent_id, status = parent.info.run_id, parent.info.status
+    if status == "FINISHED":
+        raise PreflightError(
+            f"sweep run {parent_id} finished: there is nothing to resume. To add trials to it: "
+            f"python -m sweeps extend --run-id {parent_id} --trials N"
+        )
+    if status == "RUNNING" and not force:
+        _refuse_live_driver(parent)
+    spec = _stored_spec(client, parent_id)
+    tune_path = parent.data.tags.get(tracking.TUNE_PATH_TAG, "")
+    if not tune_path or not tune.Tuner.can_restore(tune_path):
+        raise PreflightError(
+            f"sweep run {parent_id} cannot be resumed: Tune's state of it is not at "
+            f"{tune_path or '(no path recorded)'!r} (no tuner.pkl there). Start the sweep again "
+            "with `python -m sweeps run SPEC`"
+        )
+    say(f"resuming sweep run {parent_id} ({status}) from {tune_path}")
+
+    with _ray_session(spec, tracking_uri, _parent_of(tune_path), address, say):
+        data, data_ref = _stage(spec, say)
+        sweep = _Sweep(
+            spec,
+            client,
+            tracking_uri,
+            parent.info.experiment_id,
+            parent_id,
+            tune_path=tune_path,
+            say=say,
+            adopted=tracking.trial_runs(client, parent.info.experiment_id, parent_id, SWEPT),
+            seconds_before=parent.data.metrics.get("sweep_seconds", 0.0),
+        )
+        sweep.num_trials = int(
+            parent.data.tags.get(tracking.NUM_TRIALS_TAG, spec.search.num_trials)
+        )
+        _reopen_parent(client, parent_id)
+
+        def restore(wrapped: Any, callback: tune.Callback) -> tune.Tuner:
+            # The callback pickled in Tune's state is a LineageRelay for this parent run; it
+            # reaches the lineage this driver opened, so `callback` itself is not needed.
+            return tune.Tuner.restore(
+                tune_path,
+                trainable=wrapped,
+                resume_unfinished=True,
+                resume_errored=retry_errored,
+            )
+
+        return _drive(sweep, data, data_ref, trainable, restore)
+
+
+def extend_sweep(
+    tracking_uri: str,
+    trials: int,
+    *,
+    run_id: str | None = None,
+    experiment: str | None = None,
+    storage_path: str | None = None,
+    address: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    trainable: Callable[..., None] = train_trial,
+) -> SweepResult:
+    """Add `trials` trials to a finished sweep, in the same parent run.
+
+    The searcher starts from everything the sweep has learned: TPE is warm-started with every
+    trial that trained or diverged (its swept values and final val_acc), so the new trials
+    are proposed where the earlier ones point rather than at random. ASHA compares the new
+    trials among themselves. The best model is replaced only by a better new trial.
+    """
+    say = progress or _silent
+    client, parent = _open_sweep_run(tracking_uri, run_id, experiment)
+    parent_id, status = parent.info.run_id, parent.info.status
+    if status != "FINISHED":
+        raise PreflightError(
+            f"sweep run {parent_id} is {status}, not finished: resume it first "
+            f"(python -m sweeps resume --run-id {parent_id}), then extend it"
+        )
+    stored = _stored_spec(client, parent_id)
+    data = stored.model_dump(mode="json")
+    data["search"]["num_trials"] = trials
+    spec = parse_spec(data, source=f"sweep run {parent_id}'s spec with --trials {trials}")
+    storage = resolve_storage(spec, storage_path)
+    _check_local_storage(storage)
+
+    experiment_id = parent.info.experiment_id
+    adopted = tracking.trial_runs(client, experiment_id, parent_id, SWEPT)
+    evaluated = _evaluated_trials(spec, adopted)
+    extension = int(parent.data.tags.get(tracking.EXTENSIONS_TAG, "0")) + 1
+    say(
+        f"extending sweep run {parent_id} by {trials} trials; TPE starts from "
+        f"{len(evaluated)} of its {len(adopted)} trials"
+    )
+
+    with _ray_session(spec, tracking_uri, storage, address, say):
+        data_staged, data_ref = _stage(spec, say)
+        sweep = _Sweep(
+            spec,
+            client,
+            tracking_uri,
+            experiment_id,
+            parent_id,
+            tune_path=_join(storage, f"{spec.name}-{parent_id[:8]}-extend{extension}"),
+            say=say,
+            adopted=adopted,
+            num_trials=len(adopted) + trials,
+            seconds_before=parent.data.metrics.get("sweep_seconds", 0.0),
+        )
+        _reopen_parent(
+            client,
+            parent_id,
+            {
+                tracking.EXTENSIONS_TAG: str(extension),
+                f"{tracking.EXTENSIONS_TAG}.{extension}.trials": str(trials),
+                tracking.NUM_TRIALS_TAG: str(sweep.num_trials),
+            },
+        )
+
+        def new_tuner(wrapped: Any, callback: tune.Callback) -> tune.Tuner:
+            searcher = _searcher(spec, evaluated)
+            return _tuner(spec, wrapped, callback, sweep.tune_path, searcher)
+
+        return _drive(sweep, data_staged, data_ref, trainable, new_tuner)
+
+
+def _silent(line: str) -> None:
+    pass
+
+
+def _join(storage: str, name: str) -> str:
+    return f"{storage.rstrip('/')}/{name}"
+
+
+def _parent_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[0]
+
+
+def _open_store(uri: str, experiment: str) -> tuple[mlflow.MlflowClient, str]:
+    try:
+        return tracking.open_experiment(uri, experiment)
+    except tracking.TrackingError as error:
+        raise PreflightError(str(error)) from None
+
+
+def _open_sweep_run(
+    uri: str, run_id: str | None, experiment: str | None
+) -> tuple[mlflow.MlflowClient, mlflow.entities.Run]:
+    try:
+        return tracking.open_sweep_run(uri, run_id, experiment)
+    except tracking.TrackingError as error:
+        raise PreflightError(str(error)) from None
+
+
+def _stored_spec(client: mlflow.MlflowClient, parent_id: str) -> SweepSpec:
+    """The spec a sweep ran with (smoke-test shrinking and --trials included)."""
+    with tempfile.TemporaryDirectory() as directory:
+        try:
+            path = client.download_artifacts(parent_id, "spec.yaml", directory)
+        except Exception as error:
+            raise PreflightError(
+                f"sweep run {parent_id} has no readable spec.yaml artifact ({error}); it "
+                "cannot be continued"
+            ) from None
+        return load_spec(path)
+
+
+def _refuse_live_driver(parent: mlflow.entities.Run) -> None:
+    """A RUNNING sweep may only be taken over when its driver is gone."""
+    tags = parent.data.tags
+    host, pid = tags.get(tracking.DRIVER_HOST_TAG), tags.get(tracking.DRIVER_PID_TAG)
+    run_id = parent.info.run_id
+    if host != socket.gethostname():
+        raise PreflightError(
+            f"sweep run {run_id} is RUNNING under a driver on host {host!r}: resume it there, "
+            "or pass --force if that driver is gone"
+        )
+    if pid and _process_alive(int(pid)):
+        raise PreflightError(
+            f"sweep run {run_id} is RUNNING and its driver (pid {pid}) is alive: let it "
+            f"finish, or stop it (kill -INT {pid}) and resume it then"
+        )
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _evaluated_trials(
+    spec: SweepSpec, adopted: dict[str, tracking.AdoptedTrial]
+) -> list[tuple[dict[str, float], float]]:
+    """(swept values, final val_acc) of the trials that trained or diverged, for TPE."""
+    evaluated = []
+    for trial in adopted.values():
+        if trial.outcome not in ("completed", "stopped_early", "diverged"):
+            continue
+        if set(trial.swept) != set(SWEPT) or not math.isfinite(trial.val_acc):
+            continue
+        ranges = {name: getattr(spec.search.space, name) for name in SWEPT}
+        if all(ranges[n].low <= v <= ranges[n].high for n, v in trial.swept.items()):
+            evaluated.append((trial.swept, trial.val_acc))
+    return evaluated
+
+
+def _stage(spec: SweepSpec, say: Callable[[str], None]) -> tuple[StagedData, ray.ObjectRef]:
+    """Stage the data once, in the driver, and share it through the object store."""
     data = stage_dataset(spec.dataset)
     data_ref = ray.put(data)
     say(f"data: {spec.dataset.name} {data.sizes()} staged once in the driver")
+    return data, data_ref
 
-    # The sweep's parent run: spec, searcher settings, versions, commit.
+
+def _driver_tags() -> dict[str, str]:
+    return {
+        tracking.DRIVER_HOST_TAG: socket.gethostname(),
+        tracking.DRIVER_PID_TAG: str(os.getpid()),
+    }
+
+
+def _open_parent(
+    client: mlflow.MlflowClient,
+    experiment_id: str,
+    spec: SweepSpec,
+    spec_path: str | None,
+) -> str:
+    """Create the sweep's parent run with the spec, searcher settings, versions and commit."""
     tags = {
         tracking.SWEEP_TAG: spec.name,
         tracking.ROLE_TAG: "sweep",
         "git_commit": tracking.git_commit(),
         **{f"version.{k}": v for k, v in tracking.package_versions().items()},
+        **_driver_tags(),
+        tracking.NUM_TRIALS_TAG: str(spec.search.num_trials),
     }
-    parent = client.create_run(experiment_id, tags=tags, run_name=spec.name)
-    parent_id = parent.info.run_id
+    parent_id = client.create_run(experiment_id, tags=tags, run_name=spec.name).info.run_id
     params = {**spec.flat_params(), **searcher_settings(spec)}
     try:
         for chunk in _chunks(list(params.items()), 100):
@@ -292,52 +590,104 @@ def _run(
         client.log_text(parent_id, yaml.safe_dump(spec.model_dump(mode="json")), "spec.yaml")
         if spec_path:
             client.log_artifact(parent_id, spec_path, "spec_file")
+    except BaseException as error:  # the parent run must not stay RUNNING
+        tracking.end_run(client, parent_id, _ended_by(error))
+        raise
+    return parent_id
 
-        fixed = TrialConfig.from_spec(spec, dict.fromkeys(SWEPT, math.nan), spec.training.seed)
-        settings = {k: v for k, v in fixed.as_params().items() if k not in SWEPT}
-        lineage = tracking.TrialLineage(
-            client,
-            experiment_id,
+
+def _reopen_parent(
+    client: mlflow.MlflowClient, parent_id: str, tags: dict[str, str] | None = None
+) -> None:
+    """Set an ended (or crashed) sweep's parent run RUNNING again, under this driver."""
+    client.update_run(parent_id, status="RUNNING")
+    try:
+        client.log_batch(
             parent_id,
-            sweep=spec.name,
-            fixed_params=settings,
-            swept=SWEPT,
-            epochs=spec.training.epochs,
-            num_trials=spec.search.num_trials,
-            progress=say,
+            tags=[
+                mlflow.entities.RunTag(k, v) for k, v in {**_driver_tags(), **(tags or {})}.items()
+            ],
         )
+    except BaseException as error:
+        tracking.end_run(client, parent_id, _ended_by(error))
+        raise
+
+
+def _ended_by(error: BaseException) -> str:
+    return "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+
+
+def _tuner(
+    spec: SweepSpec,
+    wrapped: Any,
+    callback: tune.Callback,
+    tune_path: str,
+    searcher: OptunaSearch,
+) -> tune.Tuner:
+    return tune.Tuner(
+        wrapped,
+        tune_config=tune.TuneConfig(
+            metric=METRIC,
+            mode=MODE,
+            search_alg=searcher,
+            scheduler=_scheduler(spec),
+            num_samples=spec.search.num_trials,
+            max_concurrent_trials=spec.resources.max_concurrent_trials,
+        ),
+        run_config=tune.RunConfig(
+            name=_name_of(tune_path),
+            storage_path=_parent_of(tune_path),
+            callbacks=[callback],
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=spec.storage.checkpoints_to_keep),
+            failure_config=tune.FailureConfig(max_failures=0),
+            verbose=0,
+        ),
+    )
+
+
+def _name_of(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[1]
+
+
+def _drive(
+    sweep: _Sweep,
+    data: StagedData,
+    data_ref: ray.ObjectRef,
+    trainable: Callable[..., None],
+    build_tuner: TunerFactory,
+) -> SweepResult:
+    """Run the sweep's Tune experiment with its parent run open; end every run it touches."""
+    spec, client, parent_id, say = sweep.spec, sweep.client, sweep.parent_id, sweep.say
+    started = time.perf_counter()
+    fixed = TrialConfig.from_spec(spec, dict.fromkeys(SWEPT, math.nan), spec.training.seed)
+    settings = {k: v for k, v in fixed.as_params().items() if k not in SWEPT}
+    lineage = tracking.TrialLineage(
+        client,
+        sweep.experiment_id,
+        parent_id,
+        sweep=spec.name,
+        fixed_params=settings,
+        swept=SWEPT,
+        epochs=spec.training.epochs,
+        num_trials=sweep.num_trials,
+        progress=say,
+    )
+    lineage.adopt(sweep.adopted)
+    try:
+        client.set_tag(parent_id, tracking.TUNE_PATH_TAG, sweep.tune_path)
         resources = {"cpu": spec.resources.cpus_per_trial, "gpu": spec.resources.gpus_per_trial}
         resources.update(spec.resources.custom)
         threads = max(1, int(spec.resources.cpus_per_trial))
-        tuner = tune.Tuner(
-            tune.with_resources(
-                tune.with_parameters(
-                    trainable, data_refs=[data_ref], settings=settings, threads=threads
-                ),
-                resources,
+        wrapped = tune.with_resources(
+            tune.with_parameters(
+                trainable, data_refs=[data_ref], settings=settings, threads=threads
             ),
-            tune_config=tune.TuneConfig(
-                metric=METRIC,
-                mode=MODE,
-                search_alg=_searcher(spec),
-                scheduler=_scheduler(spec),
-                num_samples=spec.search.num_trials,
-                max_concurrent_trials=spec.resources.max_concurrent_trials,
-            ),
-            run_config=tune.RunConfig(
-                name=f"{spec.name}-{parent_id[:8]}",
-                storage_path=storage,
-                callbacks=[lineage],
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=spec.storage.checkpoints_to_keep
-                ),
-                failure_config=tune.FailureConfig(max_failures=0),
-                verbose=0,
-            ),
+            resources,
         )
+        tuner = build_tuner(wrapped, lineage.relay())
     except BaseException as error:  # the parent run must not stay RUNNING
-        killed = isinstance(error, KeyboardInterrupt)
-        tracking.end_run(client, parent_id, "KILLED" if killed else "FAILED")
+        lineage.release()
+        tracking.end_run(client, parent_id, _ended_by(error))
         raise
 
     # Run. Whatever happens, every run of the sweep ends in a terminal state.
@@ -359,22 +709,30 @@ def _run(
         for s, handler in previous.items():
             signal.signal(s, handler)
         _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
+        lineage.release()
         if status == "KILLED":
             say(f"interrupted ({stop.name or 'SIGINT'}): closing the sweep's MLflow runs")
         lineage.close_open("interrupted")
         counts = lineage.counts()
+        seconds = sweep.seconds_before + time.perf_counter() - started
         summary = {f"trials_{k}": v for k, v in counts.items()}
-        tracking.log_summary(
-            client, parent_id, {**summary, "sweep_seconds": time.perf_counter() - started}
-        )
+        tracking.log_summary(client, parent_id, {**summary, "sweep_seconds": seconds})
         if status != "FINISHED":
             tracking.end_run(client, parent_id, status)
-            tracking.close_stale_runs(client, experiment_id, parent_id)
+            tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
 
-    result = SweepResult(uri, experiment_id, parent_id, status, counts, storage_path=storage)
+    result = SweepResult(
+        sweep.uri,
+        sweep.experiment_id,
+        parent_id,
+        status,
+        counts,
+        storage_path=_parent_of(sweep.tune_path),
+        tune_path=sweep.tune_path,
+    )
     try:
         if status == "FINISHED" and results is not None:
-            result.best = _log_best(spec, client, uri, parent_id, lineage, results, data, say)
+            result.best = _log_best(sweep, lineage, results, data)
     except KeyboardInterrupt:
         status = result.status = "KILLED"
         raise
@@ -383,7 +741,7 @@ def _run(
         say(f"warning: the best model could not be logged: {error}")
     finally:
         tracking.end_run(client, parent_id, status)
-        tracking.close_stale_runs(client, experiment_id, parent_id)
+        tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
     return result
 
 
@@ -403,12 +761,40 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict[str, Any]:
+def _previous_best(sweep: _Sweep) -> dict[str, Any]:
+    """The best trial an earlier driver of this sweep chose and logged; {} if none."""
+    parent = sweep.client.get_run(sweep.parent_id)
+    tags, metrics = parent.data.tags, parent.data.metrics
+    trial_id = tags.get("best_trial_id")
+    if not trial_id or "best_val_acc" not in metrics or "best_model_uri" not in tags:
+        return {}
+    adopted = sweep.adopted.get(trial_id)
+    best = {
+        "trial_id": trial_id,
+        "run_id": tags.get("best_run_id", ""),
+        **(adopted.swept if adopted else dict.fromkeys(SWEPT, math.nan)),
+        "epochs": adopted.epochs if adopted else 0,
+        **{key: metrics.get(f"best_{key}", math.nan) for key in _BEST_METRICS},
+        "model_uri": tags["best_model_uri"],
+    }
+    if "best_registered" in tags:
+        best["registered"] = tags["best_registered"]
+    return best
+
+
+_BEST_METRICS = ("val_acc", "val_loss", "test_acc", "test_loss")
+
+
+def _log_best(
+    sweep: _Sweep, lineage: tracking.TrialLineage, results: tune.ResultGrid, data: StagedData
+) -> dict[str, Any]:
     """Evaluate the best trial's final weights on validation and test; log it as a model.
 
     Candidates are the trials that trained (completed or stopped early) and left a checkpoint;
-    a diverged, failed or interrupted trial is never the best, whatever it last reported.
+    a diverged, failed or interrupted trial is never the best, whatever it last reported. A
+    best model an earlier driver of the sweep logged stays unless a candidate beats it.
     """
+    spec, client, parent_id, say = sweep.spec, sweep.client, sweep.parent_id, sweep.say
     trained = ("completed", "stopped_early")
     candidates = [
         r
@@ -419,10 +805,18 @@ def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict
         and lineage.outcomes.get(r.metrics.get("trial_id")) in trained
         and math.isfinite(float(r.metrics.get(METRIC, math.nan)))
     ]
+    previous = _previous_best(sweep)
     if not candidates:
-        say("no trial trained to a finite val_acc: no best model")
-        return {}
+        if not previous:
+            say("no trial trained to a finite val_acc: no best model")
+        return previous
     best = max(candidates, key=lambda r: float(r.metrics[METRIC]))
+    if previous and float(best.metrics[METRIC]) <= previous["val_acc"]:
+        say(
+            f"no new trial beat trial {previous['trial_id']} (val_acc "
+            f"{previous['val_acc']:.4f}): the best model stays {previous['model_uri']}"
+        )
+        return previous
     trial_id = best.metrics["trial_id"]
     state = load_checkpoint_state(best.checkpoint)
     cfg = TrialConfig(**state["config"])
@@ -450,8 +844,7 @@ def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict
     client.log_batch(
         parent_id,
         metrics=[
-            mlflow.entities.Metric(f"best_{k}", float(best_info[k]), now, 0)
-            for k in ("val_acc", "val_loss", "test_acc", "test_loss")
+            mlflow.entities.Metric(f"best_{k}", float(best_info[k]), now, 0) for k in _BEST_METRICS
         ],
         tags=[
             mlflow.entities.RunTag("best_trial_id", trial_id),
@@ -465,7 +858,7 @@ def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict
         )
 
     # The model itself, loadable with mlflow.pytorch.load_model, registered as alias "best".
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(sweep.uri)
     # MLflow warns on every pickled model; the choice is deliberate (see below).
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
     with mlflow.start_run(run_id=parent_id):
@@ -479,13 +872,15 @@ def _log_best(spec, client, uri, parent_id, lineage, results, data, say) -> dict
             pip_requirements=[],
         )
     best_info["model_uri"] = info.model_uri
+    client.set_tag(parent_id, "best_model_uri", info.model_uri)
     if spec.tracking.register_model:
         try:
             version = mlflow.register_model(info.model_uri, spec.name)
             client.set_registered_model_alias(spec.name, "best", str(version.version))
             best_info["registered"] = f"models:/{spec.name}@best"
+            client.set_tag(parent_id, "best_registered", best_info["registered"])
         except mlflow.exceptions.MlflowException as error:
-            log.warning("best model not registered at %s: %s", uri, error)
+            log.warning("best model not registered at %s: %s", sweep.uri, error)
             say(f"this tracking store did not register the model; load it from {info.model_uri}")
     say(
         f"best trial {trial_id}: val_acc={val_acc:.4f} test_acc={test_acc:.4f} "

@@ -13,6 +13,10 @@ Outcomes and the MLflow status each maps to:
     diverged        FAILED    non-finite training loss
     error           FAILED    the trial raised; the error's last lines are in tag `error`
     interrupted     KILLED    the sweep was interrupted (SIGINT, SIGTERM) while it ran
+
+A sweep can be continued by a later driver (`resume`, `extend`): it reopens the same parent
+run, adopts the child runs already there (`trial_runs`) and reopens the child of every trial
+that Tune resumes, so one sweep stays one parent run however many drivers it took.
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ import os
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, Run, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from ray.tune import Callback
@@ -40,6 +45,16 @@ PARENT_TAG = "mlflow.parentRunId"
 SWEEP_TAG = "regsweep.sweep"
 ROLE_TAG = "regsweep.role"
 OUTCOME_TAG = "outcome"
+# Parent-run tags: the Tune experiment directory a resume restores (the latest one of the
+# sweep), and the driver that last ran the sweep, so that a resume can tell a crashed driver
+# from a live one.
+TUNE_PATH_TAG = "regsweep.tune_path"
+DRIVER_HOST_TAG = "regsweep.driver_host"
+DRIVER_PID_TAG = "regsweep.driver_pid"
+# All the trials the sweep will have had once its last driver is done (extend adds to it).
+NUM_TRIALS_TAG = "regsweep.num_trials"
+# How many times `extend` added trials; `<tag>.<k>.trials` says how many the k-th added.
+EXTENSIONS_TAG = "regsweep.extensions"
 OUTCOME_STATUS = {
     "completed": "FINISHED",
     "stopped_early": "FINISHED",
@@ -134,6 +149,53 @@ def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
     return client, experiment_id
 
 
+def open_sweep_run(
+    uri: str, run_id: str | None = None, experiment: str | None = None
+) -> tuple[MlflowClient, Run]:
+    """The sweep parent run `run_id`, else the latest sweep of `experiment`, at `uri`.
+
+    The preflight of a driver that continues a sweep: it raises TrackingError, within seconds,
+    when the store cannot be reached, or when there is no such sweep, naming what it looked for.
+    """
+    if run_id is None and experiment is None:
+        raise TrackingError("name the sweep: a spec file, --experiment NAME or --run-id ID")
+    try:
+        with _quick_http_failures():
+            client = MlflowClient(tracking_uri=uri)
+            if run_id is None:
+                found = client.get_experiment_by_name(experiment)
+                runs = []
+                if found is not None:
+                    runs = client.search_runs(
+                        [found.experiment_id],
+                        filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
+                        order_by=["attributes.start_time DESC"],
+                        max_results=1,
+                    )
+                if not runs:
+                    raise TrackingError(f"experiment {experiment!r} at {uri} has no sweep runs")
+                run = runs[0]
+            else:
+                run = client.get_run(run_id)
+    except TrackingError:
+        raise
+    except MlflowException as error:
+        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"there is no run {run_id!r} at {uri}") from None
+        raise TrackingError(f"tracking store {uri!r}: {_first_line(error)}") from None
+    except Exception as error:
+        raise TrackingError(
+            f"tracking store {uri!r} is not reachable: {_first_line(error)}. Check "
+            "--tracking-uri or MLFLOW_TRACKING_URI"
+        ) from None
+    if run.data.tags.get(ROLE_TAG) != "sweep":
+        raise TrackingError(
+            f"run {run.info.run_id} at {uri} is not a sweep's parent run (tag {ROLE_TAG} is "
+            f"{run.data.tags.get(ROLE_TAG)!r}); pass the run id the sweep printed"
+        )
+    return client, run
+
+
 def _create_experiment(client: MlflowClient, uri: str, name: str) -> str:
     try:
         return client.create_experiment(name)
@@ -201,6 +263,10 @@ class TrialLineage(Callback):
     Set `stopping` to the signal's name once the sweep is being interrupted: from then on a
     trial that ends before its last epoch, or fails, counts as interrupted (KILLED), since a
     signal may reach the trials' processes as well as the driver.
+
+    Tune is given `relay()`, not the lineage itself: Tune pickles its callbacks into the
+    experiment's state, and a resumed sweep must write through the resuming driver's lineage,
+    not through an unpickled copy of an old one.
     """
 
     def __init__(
@@ -230,6 +296,27 @@ class TrialLineage(Callback):
         self.outcomes: dict[str, str] = {}
         self.last_results: dict[str, dict[str, Any]] = {}
         self.node_logged: set[str] = set()
+        # Per trial, the last epoch already in MLflow, for trials adopted from an earlier
+        # driver: a trial resumed from an older checkpoint reports those epochs again.
+        self.logged_epochs: dict[str, int] = {}
+
+    def adopt(self, trials: Mapping[str, AdoptedTrial]) -> None:
+        """Take over the child runs an earlier driver of this sweep made (see `trial_runs`)."""
+        for trial_id, known in trials.items():
+            self.run_ids[trial_id] = known.run_id
+            self.logged_epochs[trial_id] = known.epochs
+            if known.outcome in OUTCOME_STATUS:
+                self.outcomes[trial_id] = known.outcome
+
+    def relay(self) -> LineageRelay:
+        """The callback to give Tune; it forwards to this lineage while it is active."""
+        _ACTIVE[self.parent_run_id] = self
+        return LineageRelay(self.parent_run_id)
+
+    def release(self) -> None:
+        """Stop receiving Tune's events (the sweep's Tune run is over)."""
+        if _ACTIVE.get(self.parent_run_id) is self:
+            del _ACTIVE[self.parent_run_id]
 
     # Tune callback hooks
 
@@ -237,6 +324,10 @@ class TrialLineage(Callback):
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
         if trial.trial_id in self.run_ids:
+            if trial.trial_id in self.outcomes:
+                self._reopen(trial)
+            elif trial.trial_id in self.logged_epochs:  # its earlier driver died: still RUNNING
+                self._say(trial, f"resumed after epoch {self.logged_epochs[trial.trial_id]}")
             return
         tags = {
             PARENT_TAG: self.parent_run_id,
@@ -262,6 +353,9 @@ class TrialLineage(Callback):
             return
         self.last_results[trial.trial_id] = dict(result)
         step = _epoch(result)
+        if step <= self.logged_epochs.get(trial.trial_id, 0):
+            log.debug("trial %s epoch %d is already in MLflow", trial.trial_id, step)
+            return
         now = int(time.time() * 1000)
         metrics = [
             Metric(key, float(value), now, step)
@@ -319,6 +413,22 @@ class TrialLineage(Callback):
             counts[outcome] += 1
         return counts
 
+    def _reopen(self, trial: Trial) -> None:
+        # Tune resumes a trial whose run an earlier driver ended (interrupted, or errored with
+        # --retry-errored): the same child run goes on, RUNNING again.
+        run_id = self.run_ids[trial.trial_id]
+        previous = self.outcomes.pop(trial.trial_id)
+        self.node_logged.discard(trial.trial_id)  # it may run on another node now
+        self.client.update_run(run_id, status="RUNNING")
+        self.client.set_tag(run_id, OUTCOME_TAG, "running")
+        if previous == "error":
+            with contextlib.suppress(MlflowException):
+                self.client.delete_tag(run_id, "error")
+        self._say(
+            trial,
+            f"resumed after epoch {self.logged_epochs.get(trial.trial_id, 0)} ({previous} before)",
+        )
+
     def _finish(self, trial: Trial, outcome: str, error: str | None = None) -> None:
         if trial.trial_id not in self.run_ids or trial.trial_id in self.outcomes:
             return
@@ -348,6 +458,78 @@ class TrialLineage(Callback):
         self.progress(
             f"[{done:>3}/{self.num_trials} done, {running} running] trial {trial.trial_id} {what}"
         )
+
+
+# The lineage of each sweep this driver is running, by parent run id, for `LineageRelay`.
+_ACTIVE: dict[str, TrialLineage] = {}
+
+
+class LineageRelay(Callback):
+    """The Tune callback of a sweep: it holds only the parent run id and forwards every trial
+    event to the lineage this process runs for that sweep (`TrialLineage.relay`).
+
+    Tune pickles its callbacks into the experiment's state; restored by a later driver, this
+    relay reaches that driver's lineage, with its own MLflow client and progress printer.
+    """
+
+    def __init__(self, parent_run_id: str) -> None:
+        self.parent_run_id = parent_run_id
+
+    def _lineage(self) -> TrialLineage | None:
+        lineage = _ACTIVE.get(self.parent_run_id)
+        if lineage is None:
+            log.warning("no lineage is active for sweep run %s", self.parent_run_id)
+        return lineage
+
+    def on_trial_start(self, **info: Any) -> None:
+        if lineage := self._lineage():
+            lineage.on_trial_start(**info)
+
+    def on_trial_result(self, **info: Any) -> None:
+        if lineage := self._lineage():
+            lineage.on_trial_result(**info)
+
+    def on_trial_complete(self, **info: Any) -> None:
+        if lineage := self._lineage():
+            lineage.on_trial_complete(**info)
+
+    def on_trial_error(self, **info: Any) -> None:
+        if lineage := self._lineage():
+            lineage.on_trial_error(**info)
+
+
+@dataclass(frozen=True)
+class AdoptedTrial:
+    """A trial's child run as an earlier driver left it."""
+
+    run_id: str
+    outcome: str  # one of OUTCOME_STATUS, or "running" if that driver died
+    epochs: int  # the last epoch logged
+    swept: dict[str, float]  # the swept values, from the run's params
+    val_acc: float  # the last val_acc logged, NaN if none
+
+
+def trial_runs(
+    client: MlflowClient, experiment_id: str, parent_run_id: str, swept: tuple[str, ...]
+) -> dict[str, AdoptedTrial]:
+    """The child runs of sweep `parent_run_id` in the store, by trial id."""
+    runs = client.search_runs(
+        [experiment_id], filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    )
+    trials = {}
+    for run in runs:
+        trial_id = run.data.tags.get("trial_id")
+        if trial_id is None:
+            continue
+        metrics, params = run.data.metrics, run.data.params
+        trials[trial_id] = AdoptedTrial(
+            run_id=run.info.run_id,
+            outcome=run.data.tags.get(OUTCOME_TAG, "running"),
+            epochs=int(metrics.get("epoch", 0)),
+            swept={name: float(params[name]) for name in swept if name in params},
+            val_acc=float(metrics.get("val_acc", math.nan)),
+        )
+    return trials
 
 
 def _epoch(result: Mapping[str, Any]) -> int:

@@ -286,3 +286,88 @@ def test_closing_never_raises_when_the_store_is_gone(monkeypatch: pytest.MonkeyP
     tracking.end_run(client, "0" * 32, "KILLED")
     assert tracking.close_stale_runs(client, "1", "0" * 32) == 0
     tracking.log_summary(client, "0" * 32, {"trials_completed": 1})
+
+
+# A sweep continued by a later driver
+
+
+def test_an_adopted_interrupted_trial_goes_on_in_its_own_run(lineage: TrialLineage) -> None:
+    # The first driver: two epochs of one trial, then an interrupt.
+    trial = new_trial()
+    run_id = run_trial(lineage, trial, [epoch_result(1), epoch_result(2)])
+    lineage.close_open("interrupted")
+    assert lineage.client.get_run(run_id).info.status == "KILLED"
+
+    # The resuming driver adopts the run from the store and Tune restarts the trial, which
+    # reports epoch 2 again (its checkpoint was older) and then goes on.
+    later = TrialLineage(
+        lineage.client,
+        lineage.experiment_id,
+        lineage.parent_run_id,
+        sweep="lineage-test",
+        fixed_params={},
+        swept=SWEPT,
+        epochs=EPOCHS,
+        num_trials=4,
+    )
+    adopted = tracking.trial_runs(
+        lineage.client, lineage.experiment_id, lineage.parent_run_id, SWEPT
+    )
+    assert adopted[trial.trial_id].outcome == "interrupted"
+    assert adopted[trial.trial_id].epochs == 2
+    assert adopted[trial.trial_id].swept == {
+        "dropout": 0.1,
+        "weight_decay": 1e-4,
+        "survival_prob": 0.8,
+    }
+    later.adopt(adopted)
+    assert later.counts()["interrupted"] == 1
+
+    later.on_trial_start(0, [trial], trial)
+    run = lineage.client.get_run(run_id)
+    assert (run.info.status, run.data.tags[OUTCOME_TAG]) == ("RUNNING", "running")
+    for epoch in (2, 3):
+        later.on_trial_result(0, [trial], trial, epoch_result(epoch, val_acc=0.9))
+    later.on_trial_complete(0, [trial], trial)
+
+    run = lineage.client.get_run(run_id)
+    assert (run.info.status, run.data.tags[OUTCOME_TAG]) == ("FINISHED", "completed")
+    history = sorted(
+        (m.step, m.value) for m in lineage.client.get_metric_history(run_id, "val_acc")
+    )
+    assert history == [(1, 0.6), (2, 0.7), (3, 0.9)]  # epoch 2 kept once, as first logged
+    assert later.counts() == {**dict.fromkeys(tracking.OUTCOME_STATUS, 0), "completed": 1}
+
+
+def test_a_retried_error_loses_its_old_error_tag(lineage: TrialLineage) -> None:
+    trial = new_trial()
+    run_id = run_trial(lineage, trial, [epoch_result(1)])
+    lineage.on_trial_error(0, [trial], trial)
+    assert "error" in lineage.client.get_run(run_id).data.tags
+
+    lineage.on_trial_start(0, [trial], trial)  # Tune retries it (resume --retry-errored)
+    for epoch in range(2, EPOCHS + 1):
+        lineage.on_trial_result(0, [trial], trial, epoch_result(epoch))
+    lineage.on_trial_complete(0, [trial], trial)
+
+    run = lineage.client.get_run(run_id)
+    assert (run.info.status, run.data.tags[OUTCOME_TAG]) == ("FINISHED", "completed")
+    assert "error" not in run.data.tags
+
+
+def test_the_relay_reaches_the_active_lineage_even_after_pickling(lineage: TrialLineage) -> None:
+    import cloudpickle
+
+    relay = lineage.relay()
+    restored = cloudpickle.loads(cloudpickle.dumps(relay))  # as Tune keeps its callbacks
+    assert vars(restored) == {"parent_run_id": lineage.parent_run_id}
+
+    trial = new_trial()
+    restored.on_trial_start(iteration=0, trials=[trial], trial=trial)
+    restored.on_trial_result(iteration=0, trials=[trial], trial=trial, result=epoch_result(1))
+    run_id = lineage.run_ids[trial.trial_id]
+    assert [m.step for m in lineage.client.get_metric_history(run_id, "val_acc")] == [1]
+
+    lineage.release()
+    restored.on_trial_complete(iteration=0, trials=[trial], trial=trial)  # nobody listens now
+    assert trial.trial_id not in lineage.outcomes
