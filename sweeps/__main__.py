@@ -72,8 +72,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     return _finish(result, spec.experiment, args.top, say)
 
 
-def _continued_sweep(args: argparse.Namespace) -> tuple[str, str | None]:
-    """Tracking URI and experiment of the sweep that resume or extend continues."""
+def _sweep_location(args: argparse.Namespace) -> tuple[str, str | None]:
+    """Tracking URI and experiment of the sweep that report, resume or extend reads.
+
+    The URI as for `run` (--tracking-uri, $MLFLOW_TRACKING_URI, the spec's, SQLite); the
+    experiment from --experiment or the spec, else None: the store's latest sweep.
+    """
     from sweeps.launch import DEFAULT_TRACKING_URI
 
     spec = _load(args.spec) if args.spec else None
@@ -90,7 +94,7 @@ def _continued_sweep(args: argparse.Namespace) -> tuple[str, str | None]:
 def cmd_resume(args: argparse.Namespace) -> int:
     from sweeps.launch import resume_sweep
 
-    uri, experiment = _continued_sweep(args)
+    uri, experiment = _sweep_location(args)
     say = _printer()
     result = resume_sweep(
         uri,
@@ -107,7 +111,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 def cmd_extend(args: argparse.Namespace) -> int:
     from sweeps.launch import extend_sweep
 
-    uri, experiment = _continued_sweep(args)
+    uri, experiment = _sweep_location(args)
     say = _printer()
     result = extend_sweep(
         uri,
@@ -163,17 +167,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     import mlflow
     import pandas as pd
 
-    from sweeps import analysis
-    from sweeps.launch import DEFAULT_TRACKING_URI
+    from sweeps import analysis, tracking
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri, experiment = _sweep_location(args)
+    _, run = tracking.open_sweep_run(uri, args.run_id, experiment)
     mlflow.set_tracking_uri(uri)
-    experiment = args.experiment
-    if experiment is None and args.spec:
-        experiment = _load(args.spec).experiment
-    run_id = args.run_id or analysis.latest_sweep_run_id(uri, experiment or "digits")
-    frame = analysis.trials_frame(run_id)
-    params = mlflow.MlflowClient().get_run(run_id).data.params
+    run_id = run.info.run_id
+    frame = analysis.trials_frame(run_id, [run.info.experiment_id])
+    params = run.data.params
     rung = args.epoch or int(params.get("scheduler.grace_period", 1))
     compared = analysis.at_epoch(frame, rung)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
@@ -336,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     from sweeps.data import DatasetError
     from sweeps.launch import PreflightError
     from sweeps.spec import SpecError
+    from sweeps.tracking import TrackingError
 
     try:
         return args.func(args)
@@ -344,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_REFUSED
     except PreflightError as error:
         print(f"error: preflight failed, nothing was started: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    except TrackingError as error:
+        print(f"error: {error}", file=sys.stderr)
         return EXIT_REFUSED
     except DatasetError as error:
         print(

@@ -152,41 +152,55 @@ def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
 def open_sweep_run(
     uri: str, run_id: str | None = None, experiment: str | None = None
 ) -> tuple[MlflowClient, Run]:
-    """The sweep parent run `run_id`, else the latest sweep of `experiment`, at `uri`.
+    """The sweep parent run `run_id`, else the latest sweep of `experiment`, else the latest
+    sweep in the store at `uri`.
 
-    The preflight of a driver that continues a sweep: it raises TrackingError, within seconds,
-    when the store cannot be reached, or when there is no such sweep, naming what it looked for.
+    The preflight of a command that reads or continues a sweep: it raises TrackingError, within
+    seconds, when the store cannot be reached or holds no such sweep, naming what it looked for.
     """
-    if run_id is None and experiment is None:
-        raise TrackingError("name the sweep: a spec file, --experiment NAME or --run-id ID")
+    # Reading must not create an empty store where a user mistyped the path.
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise TrackingError(
+            f"there is no MLflow store at {uri}: the file does not exist. Check --tracking-uri, "
+            "MLFLOW_TRACKING_URI or the spec's tracking.uri (a relative path is relative to "
+            "the working directory)"
+        )
     try:
         with _quick_http_failures():
             client = MlflowClient(tracking_uri=uri)
-            if run_id is None:
-                found = client.get_experiment_by_name(experiment)
+            if run_id is not None:
+                run = client.get_run(run_id)
+            else:
+                if experiment is None:
+                    experiment_ids = [e.experiment_id for e in client.search_experiments()]
+                    where = f"the store {uri}"
+                else:
+                    found = client.get_experiment_by_name(experiment)
+                    experiment_ids = [found.experiment_id] if found is not None else []
+                    where = f"experiment {experiment!r} at {uri}"
                 runs = []
-                if found is not None:
+                if experiment_ids:
                     runs = client.search_runs(
-                        [found.experiment_id],
+                        experiment_ids,
                         filter_string=f"tags.`{ROLE_TAG}` = 'sweep'",
                         order_by=["attributes.start_time DESC"],
                         max_results=1,
                     )
                 if not runs:
-                    raise TrackingError(f"experiment {experiment!r} at {uri} has no sweep runs")
+                    raise TrackingError(
+                        f"{where} has no sweep runs; check the tracking URI (--tracking-uri, "
+                        "MLFLOW_TRACKING_URI or the spec's tracking.uri) and the experiment"
+                    )
                 run = runs[0]
-            else:
-                run = client.get_run(run_id)
     except TrackingError:
         raise
-    except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise TrackingError(f"there is no run {run_id!r} at {uri}") from None
-        raise TrackingError(f"tracking store {uri!r}: {_first_line(error)}") from None
     except Exception as error:
+        if getattr(error, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            raise TrackingError(f"there is no run {run_id!r} at {uri}") from None
         raise TrackingError(
-            f"tracking store {uri!r} is not reachable: {_first_line(error)}. Check "
-            "--tracking-uri or MLFLOW_TRACKING_URI"
+            f"tracking store {uri!r} is not reachable or refused the request: "
+            f"{_first_line(error)}. Check --tracking-uri, MLFLOW_TRACKING_URI or the spec's "
+            "tracking.uri"
         ) from None
     if run.data.tags.get(ROLE_TAG) != "sweep":
         raise TrackingError(

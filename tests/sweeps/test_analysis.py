@@ -14,6 +14,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps import analysis
 from sweeps.tracking import OUTCOME_TAG, PARENT_TAG, ROLE_TAG
+from tests.conftest import run_cli
 
 
 @pytest.fixture
@@ -107,3 +108,23 @@ def test_plot_writes_a_png(store, tmp_path: Path) -> None:
 def test_ui_command_for_file_and_server_stores() -> None:
     assert "--backend-store-uri sqlite:///x.db" in analysis.ui_command("sqlite:///x.db")
     assert "http://127.0.0.1:5000" in analysis.ui_command("http://127.0.0.1:5000")
+
+
+def test_report_without_a_spec_reads_the_latest_sweep_in_the_store(store, tmp_path: Path) -> None:
+    uri, parent_id, trials = store
+    done = run_cli(["report", "--tracking-uri", uri, "--plot", str(tmp_path / "p.png")], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert f"sweep run {parent_id}: {len(trials)} trials" in done.stdout
+    assert "At epoch 2, over the 8 trials that reached it" in done.stdout
+    assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def test_report_on_a_missing_store_exits_2_and_creates_nothing(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    done = run_cli(["report", "--tracking-uri", f"sqlite:///{missing}"], tmp_path)
+
+    assert done.returncode == 2
+    assert f"there is no MLflow store at sqlite:///{missing}" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not missing.exists()
