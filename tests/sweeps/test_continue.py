@@ -117,13 +117,22 @@ def test_extend_refuses_an_unfinished_sweep_and_a_bad_trial_count(store, tmp_pat
 
 
 def test_the_cli_refuses_with_exit_2(tmp_path: Path) -> None:
-    done = run_cli(
-        ["resume", "--experiment", "none", "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}"],
-        cwd=tmp_path,
-    )
+    db = tmp_path / "m.db"
+    command = ["resume", "--experiment", "none", "--tracking-uri", f"sqlite:///{db}"]
+
+    # No store at all: refused, and no empty SQLite file is left where the path was mistyped.
+    done = run_cli(command, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert "error: preflight failed, nothing was started" in done.stderr
-    assert "has no sweep runs" in done.stderr
+    assert "there is no MLflow store" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not db.exists()
+
+    # A store without that sweep: refused, naming the experiment.
+    MlflowClient(tracking_uri=f"sqlite:///{db}").create_experiment("none")
+    done = run_cli(command, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert "'none'" in done.stderr and "has no sweep runs" in done.stderr
     assert "Traceback" not in done.stderr
 
 
