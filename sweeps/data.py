@@ -27,6 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+# The held-out sizes' defaults live in the spec, which fills them in when it is validated;
+# they are imported here under their old names for the code and tests that read them.
+from sweeps.spec import DEFAULT_CIFAR_VAL_SIZE as DEFAULT_CIFAR_VAL_SIZE
+from sweeps.spec import DEFAULT_DIGITS_HOLDOUT as DEFAULT_DIGITS_HOLDOUT
 from sweeps.spec import Augment, DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -34,10 +38,6 @@ log = logging.getLogger(__name__)
 DATA_ROOT_ENV = "REGSWEEP_DATA"
 DEFAULT_DATA_ROOT = "~/.cache/regsweep"
 LOCK_FILE = ".regsweep.lock"
-# The paper's split: 5,000 of CIFAR's 50,000 training images held out, 45,000 trained on.
-DEFAULT_CIFAR_VAL_SIZE = 5_000
-# Digits (1,797 images) has no test set of its own: this many go to each of val and test.
-DEFAULT_DIGITS_HOLDOUT = 270
 CIFAR_CLASSES = {"cifar10": 10, "cifar100": 100}
 
 # How many times this process has read a dataset from its source (files or scikit-learn).
@@ -209,6 +209,7 @@ def stage_dataset(spec: DatasetSpec) -> StagedData:
     Digits (1,797 images of 8x8, 17 grey levels) has no test set of its own: `test_size` and
     then `val_size` examples are held out of it. CIFAR keeps its own 10,000 test images and
     holds `val_size` (default 5,000, the paper's 45k/5k split) out of its 50,000 training ones.
+    The sizes are the spec's, whose validation filled in any that the spec file left out.
     Call it in the driver only; trials receive the result through Ray's object store.
     """
     global _loads_in_process
@@ -219,13 +220,12 @@ def stage_dataset(spec: DatasetSpec) -> StagedData:
     _loads_in_process += 1
     if spec.name == "digits":
         pool = _load_digits()
-        pool, test = _holdout(pool, spec.test_size or DEFAULT_DIGITS_HOLDOUT, rng, "test_size")
+        pool, test = _holdout(pool, spec.test_size, rng, "test_size")
         num_classes, max_value = 10, 16.0
     else:
         pool, test = _load_cifar(spec)
         num_classes, max_value = CIFAR_CLASSES[spec.name], 255.0
-    default_val = DEFAULT_DIGITS_HOLDOUT if spec.name == "digits" else DEFAULT_CIFAR_VAL_SIZE
-    train, val = _holdout(pool, spec.val_size or default_val, rng, "val_size")
+    train, val = _holdout(pool, spec.val_size, rng, "val_size")
 
     # Normalization statistics come from the training split alone.
     mean, std = channel_stats(train.x, max_value)
