@@ -3,7 +3,8 @@
 `run_trial` calls `on_epoch(metrics, state)` after every epoch; the caller decides what to do
 with them (the Ray adapter reports and checkpoints). A non-finite training loss ends the trial
 with `diverged = 1` in its last metrics rather than an exception: divergence is an outcome of
-the hyperparameters, not a bug.
+the hyperparameters, not a bug. A loss far above that of a uniform guess counts as divergence
+too (`is_diverged`), since a blown-up run can stay finite for many epochs.
 """
 
 from __future__ import annotations
@@ -41,6 +42,23 @@ EPOCH_METRICS = (
     "diverged",
     "epoch",
 )
+
+# A mean training loss this many times the loss of a uniform guess (ln of the number of
+# classes) means the run has blown up, even while it is still finite: at lr 10 a ResNet's loss
+# is in the hundreds after one epoch and reaches 1e15 long before it overflows to inf or NaN.
+# A healthy run starts near 1x and falls; one that merely fails to learn stays near 1x.
+DIVERGED_LOSS_FACTOR = 100.0
+
+
+def is_diverged(train_loss: float, num_classes: int) -> bool:
+    """Whether an epoch's mean training loss says the run has diverged.
+
+    True for a NaN or infinite loss, and for a finite one above DIVERGED_LOSS_FACTOR times
+    ln(num_classes), the cross-entropy of a uniform guess.
+    """
+    return not math.isfinite(train_loss) or train_loss > DIVERGED_LOSS_FACTOR * math.log(
+        num_classes
+    )
 
 
 @dataclass(frozen=True)
@@ -252,11 +270,14 @@ def run_trial(
             seen += len(y)
 
         train_loss, train_acc = loss_sum.item() / seen, correct.item() / seen
-        diverged = not math.isfinite(train_loss)
+        diverged = is_diverged(train_loss, data.num_classes)
         executed = regmodels.executed_fraction(model)
+        if not diverged:
+            val_loss, val_acc = evaluate(model, val, cfg=cfg)
+            diverged = not math.isfinite(val_loss)
         if diverged:
-            # A diverged network is not evaluated: its val_acc is reported as 0 so that the
-            # searcher and the scheduler rank it last.
+            # A diverged network is not evaluated (or its evaluation overflowed): its val_acc
+            # is reported as 0 so that the searcher and the scheduler rank it last.
             metrics = {
                 "train_loss": train_loss,
                 "train_acc": train_acc,
@@ -266,7 +287,6 @@ def run_trial(
                 "diverged": 1.0,
             }
         else:
-            val_loss, val_acc = evaluate(model, val, cfg=cfg)
             metrics = {
                 "train_loss": train_loss,
                 "train_acc": train_acc,
