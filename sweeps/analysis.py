@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shlex
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import mlflow
@@ -88,8 +92,8 @@ def at_epoch(frame: pd.DataFrame, epoch: int, keys: tuple[str, ...] = ("val_acc"
     """Each trial's metrics at `epoch` (from MLflow's metric history), for trials that got there.
 
     ASHA stops trials at different epochs, so final metrics compare unequal training; read at
-    one epoch that every surviving trial reached (the first rung, `scheduler.grace_period`),
-    they compare like with like.
+    one epoch that every surviving trial reached (see `comparison_epoch`), they compare like
+    with like.
     """
     client = mlflow.MlflowClient()
     rows = []
@@ -101,6 +105,40 @@ def at_epoch(frame: pd.DataFrame, epoch: int, keys: tuple[str, ...] = ("val_acc"
         if not math.isnan(values[keys[0]]):
             rows.append({"run_id": row.run_id, **{n: getattr(row, n) for n in SWEPT}, **values})
     return pd.DataFrame(rows, columns=["run_id", *SWEPT, *keys])
+
+
+def comparison_epoch(params: Mapping[str, str], requested: int | None = None) -> tuple[int, str]:
+    """The epoch at which to compare a sweep's trials, and why that one.
+
+    `params` are the sweep parent run's MLflow params ("scheduler.name", "training.epochs",
+    "scheduler.grace_period", ...). `requested` (an epoch >= 1) wins. Under ASHA the default is
+    the first rung, `scheduler.grace_period`: every trial that did not fail reached it. Under
+    FIFO no trial is stopped early, so the default is the final epoch, `training.epochs`.
+    """
+    if requested is not None:
+        return requested, "the epoch requested"
+    scheduler = params.get("scheduler.name", params.get("scheduler", "asha"))
+    if scheduler == "fifo" and params.get("training.epochs"):
+        return int(params["training.epochs"]), (
+            "the final epoch (training.epochs), as the FIFO scheduler stops no trial early"
+        )
+    if params.get("scheduler.grace_period"):
+        return int(params["scheduler.grace_period"]), (
+            "ASHA's first rung (scheduler.grace_period), which every trial that did not fail "
+            "reached"
+        )
+    return 1, "the first epoch, as the sweep run records no scheduler settings"
+
+
+def epochs_reached(frame: pd.DataFrame) -> str:
+    """How far the trials in `frame` got, in words: "the trials reached epochs 2 to 5"."""
+    epochs = frame["epochs"].dropna() if "epochs" in frame.columns else pd.Series(dtype="Int64")
+    if epochs.empty:
+        return "no trial logged an epoch"
+    low, high = int(epochs.min()), int(epochs.max())
+    if low == high:
+        return f"the trials reached epoch {low}"
+    return f"the trials reached epochs {low} to {high}"
 
 
 def effects(frame: pd.DataFrame) -> pd.DataFrame:
@@ -173,20 +211,53 @@ def plot_trials(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def ui_command(tracking_uri: str) -> str:
-    """The command that opens the MLflow UI on `tracking_uri`."""
+def mlflow_executable(cwd: str | Path | None = None) -> str:
+    """The shell words that run this Python's MLflow, whether or not its venv is activated.
+
+    The `mlflow` script beside `sys.executable` (the venv's bin), relative to `cwd` (default:
+    the working directory) when it lies below it, else absolute; `python -m mlflow` with
+    `sys.executable` where there is no such script.
+    """
+    bin_dir = Path(os.path.abspath(sys.executable)).parent
+    script = next(
+        (bin_dir / name for name in ("mlflow", "mlflow.exe") if (bin_dir / name).is_file()), None
+    )
+    if script is None:
+        return f"{shlex.quote(sys.executable)} -m mlflow"
+    base = Path(os.path.abspath(Path.cwd() if cwd is None else cwd))
+    if script.is_relative_to(base):
+        # A bare name would be looked up on PATH, so a script in `cwd` itself gets "./".
+        shown = script.relative_to(base).as_posix()
+        shown = shown if "/" in shown else f"./{shown}"
+    else:
+        shown = str(script)
+    return shlex.quote(shown)
+
+
+def ui_command(tracking_uri: str, cwd: str | Path | None = None) -> str:
+    """The command that opens the MLflow UI on `tracking_uri`, runnable as printed from `cwd`.
+
+    A relative sqlite path in `tracking_uri` is kept as given: it is right from the working
+    directory the sweep was run in.
+    """
     if tracking_uri.startswith(("http://", "https://")):
         return f"open {tracking_uri} in a browser"
-    return f"mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000"
+    return (
+        f"{mlflow_executable(cwd)} ui --backend-store-uri {shlex.quote(tracking_uri)} "
+        "--host 127.0.0.1 --port 5000"
+    )
 
 
 __all__ = [
     "SWEEP_TAG",
     "at_epoch",
     "best_trials",
+    "comparison_epoch",
     "effects",
+    "epochs_reached",
     "importance",
     "latest_sweep_run_id",
+    "mlflow_executable",
     "plot_trials",
     "trials_frame",
     "ui_command",

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -14,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from sweeps import analysis
 from sweeps.tracking import OUTCOME_TAG, PARENT_TAG, ROLE_TAG
-from tests.conftest import run_cli
+from tests.conftest import REPO, run_cli
 
 
 @pytest.fixture
@@ -106,8 +108,76 @@ def test_plot_writes_a_png(store, tmp_path: Path) -> None:
 
 
 def test_ui_command_for_file_and_server_stores() -> None:
-    assert "--backend-store-uri sqlite:///x.db" in analysis.ui_command("sqlite:///x.db")
+    assert "--backend-store-uri sqlite:///x.db --host 127.0.0.1" in analysis.ui_command(
+        "sqlite:///x.db"
+    )
     assert "http://127.0.0.1:5000" in analysis.ui_command("http://127.0.0.1:5000")
+
+
+def test_ui_command_runs_the_mlflow_beside_this_python_without_an_activated_venv() -> None:
+    # This test's own interpreter: from the repository root the command names a script that
+    # exists (the venv's mlflow, relative when the venv is inside the repository).
+    words = shlex.split(analysis.ui_command("sqlite:///mlflow.db", cwd=REPO))
+    script = Path(sys.executable).parent / "mlflow"
+    if script.is_file():
+        assert (REPO / words[0]).resolve() == script.resolve()
+        assert not Path(words[0]).is_absolute() or not script.is_relative_to(REPO)
+    else:
+        assert words[:3] == [sys.executable, "-m", "mlflow"]
+    expected = "ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000"
+    assert words[-7:] == expected.split()
+
+
+def test_ui_command_is_relative_below_cwd_absolute_elsewhere_and_falls_back_to_python_m(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    uri = "sqlite:///mlflow.db"
+
+    # No mlflow script beside the interpreter: run MLflow as a module of that interpreter.
+    assert analysis.ui_command(uri, cwd=tmp_path).startswith(f"{bin_dir / 'python'} -m mlflow ui")
+
+    (bin_dir / "mlflow").write_text("#!/bin/sh\n")
+    assert analysis.ui_command(uri, cwd=tmp_path).startswith("venv/bin/mlflow ui ")
+    assert analysis.ui_command(uri, cwd=bin_dir).startswith("./mlflow ui ")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    assert analysis.ui_command(uri, cwd=elsewhere).startswith(f"{bin_dir / 'mlflow'} ui ")
+
+    # A path with a space is quoted so that the command still runs as printed.
+    spaced = tmp_path / "my venv" / "bin"
+    spaced.mkdir(parents=True)
+    (spaced / "mlflow").write_text("#!/bin/sh\n")
+    monkeypatch.setattr(sys, "executable", str(spaced / "python"))
+    assert shlex.split(analysis.ui_command(uri, cwd=elsewhere))[0] == str(spaced / "mlflow")
+
+
+@pytest.mark.parametrize(
+    ("params", "requested", "expected"),
+    [
+        (
+            {"scheduler.name": "asha", "scheduler.grace_period": "2", "training.epochs": "9"},
+            None,
+            2,
+        ),
+        (
+            {"scheduler.name": "fifo", "scheduler.grace_period": "2", "training.epochs": "9"},
+            None,
+            9,
+        ),
+        ({"scheduler": "fifo", "scheduler.grace_period": "3", "training.epochs": "5"}, None, 5),
+        ({"scheduler.name": "fifo", "training.epochs": "9"}, 4, 4),
+        ({}, None, 1),
+    ],
+)
+def test_comparison_epoch_is_asha_first_rung_or_fifo_final_epoch(
+    params: dict[str, str], requested: int | None, expected: int
+) -> None:
+    epoch, why = analysis.comparison_epoch(params, requested)
+    assert epoch == expected
+    assert why
 
 
 def test_report_without_a_spec_reads_the_latest_sweep_in_the_store(store, tmp_path: Path) -> None:
@@ -128,3 +198,65 @@ def test_report_on_a_missing_store_exits_2_and_creates_nothing(tmp_path: Path) -
     assert f"there is no MLflow store at sqlite:///{missing}" in done.stderr
     assert "Traceback" not in done.stderr
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("epoch", ["0", "-3"])
+def test_report_refuses_an_epoch_below_1(store, tmp_path: Path, epoch: str) -> None:
+    uri, _, _ = store
+    done = run_cli(["report", "--tracking-uri", uri, "--epoch", epoch], tmp_path)
+
+    assert done.returncode == 2
+    assert f"--epoch {epoch}: give an epoch >= 1" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""
+
+
+def test_report_at_an_epoch_no_trial_reached_says_how_far_they_got(store, tmp_path: Path) -> None:
+    uri, parent_id, trials = store
+    done = run_cli(["report", "--tracking-uri", uri, "--epoch", "999"], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert f"sweep run {parent_id}: {len(trials)} trials" in done.stdout
+    assert "no trial reached epoch 999 (the trials reached epochs 2 to 4)" in done.stdout
+    comparison = done.stdout.split("Comparing trials at epoch 999: the epoch requested\n", 1)[1]
+    assert comparison.startswith("no trial reached epoch 999")
+    assert "Spearman" not in comparison and "fANOVA" not in comparison
+    assert "NaN" not in comparison
+
+
+def test_report_of_a_fifo_sweep_compares_at_the_final_epoch(store, tmp_path: Path) -> None:
+    uri, parent_id, _ = store
+    client = MlflowClient(uri)
+    client.log_param(parent_id, "scheduler.name", "fifo")
+    client.log_param(parent_id, "training.epochs", "4")
+    done = run_cli(["report", "--tracking-uri", uri], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert "Comparing trials at epoch 4: the final epoch (training.epochs)" in done.stdout
+    assert "FIFO" in done.stdout
+    assert "At epoch 4, over the 4 trials that reached it" in done.stdout
+
+
+def test_report_of_an_asha_sweep_says_it_compares_at_the_first_rung(store, tmp_path: Path) -> None:
+    uri, _, _ = store
+    done = run_cli(["report", "--tracking-uri", uri, "--top", "2"], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert "Comparing trials at epoch 2: ASHA's first rung (scheduler.grace_period)" in done.stdout
+    assert len(done.stdout.split("\n\n")[0].splitlines()) == 1 + 1 + 2  # title, header, 2 rows
+    ui = shlex.split(done.stdout.split("Open the UI: ", 1)[1].splitlines()[0])
+    assert ui[ui.index("ui") :][:3] == ["ui", "--backend-store-uri", uri]
+
+
+def test_report_with_a_plot_in_a_missing_folder_exits_2_before_reading(tmp_path: Path) -> None:
+    # The store does not exist either: the option is checked before the store is opened.
+    target = tmp_path / "no" / "such" / "dir" / "x.png"
+    done = run_cli(
+        ["report", "--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}", "--plot", str(target)],
+        tmp_path,
+    )
+
+    assert done.returncode == 2
+    assert f"--plot {target}: the folder {target.parent} does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not target.parent.exists()
