@@ -7,6 +7,7 @@ written); 130 interrupted; 1 anything else.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -150,20 +151,50 @@ def _finish(result, experiment: str | None, top: int, say) -> int:
     where = f" in experiment {experiment!r}" if experiment else ""
     print(f"MLflow sweep run: {result.parent_run_id}{where}")
     print(f"Open the UI: {analysis.ui_command(result.tracking_uri)}")
-    if result.status != "FINISHED":
-        print(
-            f"Continue it: python -m sweeps resume --run-id {result.parent_run_id} "
-            f"--tracking-uri {result.tracking_uri}"
-        )
+    resume = (
+        f"python -m sweeps resume --run-id {result.parent_run_id} "
+        f"--tracking-uri {result.tracking_uri}"
+    )
+    if result.status == "KILLED":
+        print(f"Continue it: {resume}")
         return EXIT_INTERRUPTED
-    trained = result.outcomes["completed"] + result.outcomes["stopped_early"]
-    if trained == 0:
-        print("error: no trial trained successfully; see the error tags above", file=sys.stderr)
+    if result.status == "FAILED":
+        print(
+            "error: no trial trained successfully; see the outcome and error tags above",
+            file=sys.stderr,
+        )
+        if result.outcomes["error"]:
+            print(f"Once the cause is fixed, retry its trials: {resume} --retry-errored")
         return EXIT_FAILED
     return EXIT_OK
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    """Tables of a sweep read back from MLflow: best trials, then the swept values' effects at
+    one epoch that the trials can be compared at (see analysis.comparison_epoch).
+
+    Exit 2 for a bad option value, before anything is read. An epoch that no trial reached is
+    not an error: the report says how far the trials got and leaves out the comparison.
+    """
+
+    def refuse(message: str) -> int:
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_REFUSED
+
+    if args.epoch is not None and args.epoch < 1:
+        return refuse(f"--epoch {args.epoch}: give an epoch >= 1 (epochs count from 1)")
+    if args.top < 1:
+        return refuse(f"--top {args.top}: give a number of rows >= 1")
+    if args.plot:
+        plot = Path(args.plot).expanduser()
+        if plot.is_dir():
+            return refuse(f"--plot {args.plot}: is a folder; give a file such as trials.png")
+        if not plot.parent.is_dir():
+            return refuse(
+                f"--plot {args.plot}: the folder {plot.parent} does not exist; create it or "
+                "give a file in an existing folder"
+            )
+
     import mlflow
     import pandas as pd
 
@@ -174,20 +205,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     mlflow.set_tracking_uri(uri)
     run_id = run.info.run_id
     frame = analysis.trials_frame(run_id, [run.info.experiment_id])
-    params = run.data.params
-    rung = args.epoch or int(params.get("scheduler.grace_period", 1))
-    compared = analysis.at_epoch(frame, rung)
+    epoch, why = analysis.comparison_epoch(run.data.params, args.epoch)
+    compared = analysis.at_epoch(frame, epoch)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"sweep run {run_id}: {len(frame)} trials")
         print(analysis.best_trials(frame, top=args.top).to_string(index=False))
-        print(f"\nAt epoch {rung}, over the {len(compared)} trials that reached it:")
-        print("Spearman rank correlation of each swept value with val_acc and gen_gap")
-        print(analysis.effects(compared).to_string(index=False))
-        if len(compared) >= 4:
-            print("fANOVA importance for val_acc (Optuna)")
-            print(analysis.importance(compared).to_string())
+        print(f"\nComparing trials at epoch {epoch}: {why}")
+        if compared.empty:
+            print(f"no trial reached epoch {epoch} ({analysis.epochs_reached(frame)})")
+        else:
+            print(f"At epoch {epoch}, over the {len(compared)} trials that reached it:")
+            print("Spearman rank correlation of each swept value with val_acc and gen_gap")
+            print(analysis.effects(compared).to_string(index=False))
+            if len(compared) >= 4:
+                print("fANOVA importance for val_acc (Optuna)")
+                print(analysis.importance(compared).to_string())
     if args.plot:
         print(f"plot: {analysis.plot_trials(frame, args.plot)}")
+    print(f"Open the UI: {analysis.ui_command(uri)}")
     return EXIT_OK
 
 
@@ -291,12 +326,17 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("spec", nargs="?", help="spec whose experiment to report")
     report.add_argument("--experiment", help="experiment name (default: the spec's)")
     report.add_argument("--run-id", help="sweep parent run id (default: the latest)")
-    report.add_argument("--tracking-uri")
-    report.add_argument("--top", type=int, default=10)
+    report.add_argument("--tracking-uri", help="MLflow tracking URI (overrides env and spec)")
+    report.add_argument("--top", type=int, default=10, help="rows in the best-trials table, >= 1")
     report.add_argument(
-        "--epoch", type=int, help="epoch at which to compare trials (default: ASHA's first rung)"
+        "--epoch",
+        type=int,
+        help="epoch >= 1 at which to compare trials (default: ASHA's first rung, "
+        "scheduler.grace_period; under FIFO the final epoch, training.epochs)",
     )
-    report.add_argument("--plot", help="write a PNG of val_acc against each swept value")
+    report.add_argument(
+        "--plot", help="write a PNG of final val_acc against each swept value to this file"
+    )
     report.set_defaults(func=cmd_report)
 
     server = sub.add_parser("server", help="start an MLflow tracking server for sweeps")
@@ -328,17 +368,47 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
-    starts_ray = args.command in ("run", "resume", "extend")
-    if starts_ray and not (args.address or os.environ.get("RAY_ADDRESS")):
-        # The local Ray started for this sweep alone listens on loopback only. Ray reads this
-        # switch when it is imported (on Linux it otherwise binds the machine's outward
-        # address so that other nodes could join).
-        os.environ.setdefault(LOCAL_RAY_ENV, "0")
+    if not args.verbose:
+        # One line per failed MLflow request is enough; urllib3 adds one per retry.
+        logging.getLogger("urllib3").setLevel(logging.ERROR)
+    drives_sweep = args.command in ("run", "resume", "extend")
+    if drives_sweep:
+        # First, so that no signal is lost while Ray and MLflow load (sweeps.interrupts).
+        from sweeps import interrupts
+
+        interrupts.install()
+        if not (args.address or os.environ.get("RAY_ADDRESS")):
+            # The local Ray started for this sweep alone listens on loopback only. Ray reads
+            # this switch when it is imported (on Linux it otherwise binds the machine's
+            # outward address so that other nodes could join).
+            os.environ.setdefault(LOCAL_RAY_ENV, "0")
+    try:
+        return _dispatch(args)
+    except BrokenPipeError:
+        # The reader of our output went away (`... | head`): stop quietly.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except BaseException:
+        if drives_sweep and interrupts.received():
+            # A signal tore through Ray's or MLflow's start-up code, whatever it raised there.
+            print("interrupted before the sweep started: nothing was recorded", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        raise
+    finally:
+        if drives_sweep:
+            interrupts.finished()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    """Run the command; turn the errors a user can fix into a message and an exit code."""
     from sweeps.data import DatasetError
     from sweeps.launch import PreflightError
     from sweeps.spec import SpecError
-    from sweeps.tracking import TrackingError
+    from sweeps.tracking import StoreLost, TrackingError, use_driver_http_settings
 
+    if args.command in ("run", "resume", "extend"):
+        use_driver_http_settings()
     try:
         return args.func(args)
     except SpecError as error:
@@ -356,8 +426,11 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_REFUSED
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except StoreLost as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt as error:
+        print(f"interrupted ({error})" if str(error) else "interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
 
 

@@ -1,10 +1,12 @@
 """Run, resume and extend sweeps: preflight, stage data, open lineage, then Tune.
 
-The order matters. Everything that can fail cheaply (the tracking store, the storage path, the
-cluster's resources) is checked before data is staged or any trial is started, and the parent
-run is opened (or, to continue a sweep, reopened) only once all of that has passed. From then
-on a `finally` block guarantees that every MLflow run of the sweep ends in a terminal state,
-however the sweep ends.
+The order matters. The preflight only reads: the tracking store, the storage path and the Ray
+address are checked before Ray starts, the cluster's resources once it has, and the data is
+staged before anything is written. A refused sweep therefore leaves nothing behind: no store
+file, no experiment, no run. The experiment and the parent run are opened (or, to continue a
+sweep, reopened) only once all of that has passed. From then on a `finally` block, and for a
+stop that hangs the watchdog of `sweeps.interrupts`, guarantee that every MLflow run of the
+sweep ends in a terminal state, however the sweep ends.
 
 `run_sweep` starts a Tuner(OptunaSearch + ASHA); `resume_sweep` restores the Tune experiment of
 an interrupted sweep; `extend_sweep` starts a new Tune experiment for more trials whose searcher
@@ -35,7 +37,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps import tracking
+from sweeps import interrupts, tracking
 from sweeps.data import DeviceSplit, StagedData, stage_dataset
 from sweeps.spec import SWEPT, SweepSpec, load_spec, parse_spec
 from sweeps.train import TrialConfig, build_model, evaluate
@@ -92,18 +94,68 @@ def resolve_storage(spec: SweepSpec, override: str | None = None) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-def _check_local_storage(path: str) -> None:
+# How long the preflight waits for a remote storage path (s3://, gs://) to answer.
+REMOTE_STORAGE_TIMEOUT_S = 30
+
+
+def check_storage(path: str) -> None:
+    """Refuse a storage path Tune could not write, without writing anything there.
+
+    A local path must be a folder, or creatable in the nearest folder that exists, which must
+    be writable (proved with a temporary file removed at once). A URI must answer through
+    pyarrow's file systems, which Tune uses, within REMOTE_STORAGE_TIMEOUT_S.
+    """
     if "://" in path:
+        _check_remote_storage(path)
         return
-    try:
-        Path(path).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path):
-            pass
-    except OSError as error:
+    existing = Path(path)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = f"{str(existing)!r} is not a folder"
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".regsweep-check-"):
+                pass
+        except OSError as error:
+            problem = f"{str(existing)!r} is not writable ({error.strerror})"
+    if problem is not None:
         raise PreflightError(
-            f"storage.path {path!r} is not writable ({error.strerror}); choose a directory "
+            f"storage.path {path!r} cannot hold Tune's results: {problem}; choose a folder "
             "you can write, or pass --storage-path"
-        ) from None
+        )
+
+
+def _check_remote_storage(path: str) -> None:
+    import pyarrow.fs
+
+    outcome: list[BaseException | None] = []
+
+    def probe() -> None:
+        try:
+            filesystem, inside = pyarrow.fs.FileSystem.from_uri(path)
+            filesystem.get_file_info(inside)
+            outcome.append(None)
+        except BaseException as error:  # reported by the caller
+            outcome.append(error)
+
+    # A cloud client without a network retries for minutes; the preflight waits a while only.
+    thread = threading.Thread(target=probe, name="regsweep-storage-check", daemon=True)
+    thread.start()
+    thread.join(REMOTE_STORAGE_TIMEOUT_S)
+    if outcome and outcome[0] is None:
+        return
+    reason = (
+        str(outcome[0]).strip().splitlines()[0][:300]
+        if outcome and str(outcome[0]).strip()
+        else f"no answer within {REMOTE_STORAGE_TIMEOUT_S} s"
+    )
+    raise PreflightError(
+        f"storage path {path!r} cannot be reached: {reason}. Check the bucket's name, this "
+        "machine's credentials and network (on a cluster: REGSWEEP_STORAGE_PATH in "
+        "cluster.yaml), or pass --storage-path"
+    )
 
 
 def check_shared_storage(path: str, shared: bool, alive_nodes: int) -> None:
@@ -201,7 +253,14 @@ def _init_ray(address: str | None) -> bool:
         return False
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        check_ray_address(address)
+        try:
+            ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
+        except ConnectionError as error:
+            raise PreflightError(
+                f"no Ray cluster found at address {address!r} ({error}); start one with "
+                "`ray start --head`, or check --address and $RAY_ADDRESS"
+            ) from None
         return False
     # address="local": always a new Ray for this sweep, never a `ray start` cluster that
     # happens to run on this machine.
@@ -212,6 +271,40 @@ def _init_ray(address: str | None) -> bool:
         logging_level=logging.WARNING,
     )
     return True
+
+
+# How long the preflight waits for a Ray head to accept a connection.
+RAY_CONNECT_TIMEOUT_S = 5
+
+
+def check_ray_address(address: str) -> None:
+    """Refuse in seconds a Ray address nothing listens at: ray.init would wait for minutes.
+
+    "auto" (the cluster `ray start` left on this machine) is left to ray.init, which fails at
+    once when there is none.
+    """
+    if address == "auto":
+        return
+    if "://" in address:
+        raise PreflightError(
+            f"Ray address {address!r} is not supported: give the head's address HOST:PORT "
+            "(port 6379 unless `ray start --port` said otherwise), or submit the sweep with "
+            "`ray job submit` as the README shows"
+        )
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise PreflightError(
+            f"Ray address {address!r} is not HOST:PORT: give the head's address, e.g. "
+            "127.0.0.1:6379, with --address or $RAY_ADDRESS"
+        )
+    try:
+        endpoint = (host.strip("[]"), int(port))  # [::1]:6379 is an IPv6 address
+        socket.create_connection(endpoint, timeout=RAY_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise PreflightError(
+            f"no Ray cluster answers at {address!r} ({error.strerror or error}); start one "
+            "with `ray start --head`, or check --address and $RAY_ADDRESS"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -246,13 +339,16 @@ class _SignalStop:
 
     def __init__(self, lineage: tracking.TrialLineage) -> None:
         self.lineage = lineage
-        self.name: str | None = None
+        # A signal the CLI received before Tune was built (see sweeps.interrupts).
+        self.name: str | None = interrupts.received()
+        self.lineage.stopping = self.name
         self.usr1_before = signal.getsignal(signal.SIGUSR1)
 
     def __call__(self, signum: int, frame: Any) -> None:
         first = self.name is None
         self.name = self.name or signal.Signals(signum).name
         self.lineage.stopping = self.name
+        interrupts.record(self.name)
         tune_stop = signal.getsignal(signal.SIGUSR1)
         if first and callable(tune_stop) and tune_stop is not self.usr1_before:
             tune_stop(signum, frame)
@@ -300,12 +396,17 @@ def run_sweep(
     uri = resolve_tracking_uri(spec, tracking_uri)
     storage = resolve_storage(spec, storage_path)
 
-    # Preflight: the tracking store and the storage path, before Ray starts.
-    client, experiment_id = _open_store(uri, spec.experiment)
-    _check_local_storage(storage)
+    # Preflight, reading only: the tracking store and the storage path, before Ray starts.
+    _check_store(uri, spec.experiment)
+    check_storage(storage)
 
     with _ray_session(spec, uri, storage, address, say):
+        interrupts.raise_if_received()
         data, data_ref = _stage(spec, say)
+        interrupts.raise_if_received()
+
+        # Everything that could refuse the sweep has passed: the first writes.
+        client, experiment_id = _open_store(uri, spec.experiment)
         parent_id = _open_parent(client, experiment_id, spec, spec_path)
         sweep = _Sweep(
             spec,
@@ -380,6 +481,7 @@ def resume_sweep(
         sweep.num_trials = int(
             parent.data.tags.get(tracking.NUM_TRIALS_TAG, spec.search.num_trials)
         )
+        interrupts.raise_if_received()
         _reopen_parent(client, parent_id)
 
         def restore(wrapped: Any, callback: tune.Callback) -> tune.Tuner:
@@ -426,7 +528,7 @@ def extend_sweep(
     data["search"]["num_trials"] = trials
     spec = parse_spec(data, source=f"sweep run {parent_id}'s spec with --trials {trials}")
     storage = resolve_storage(spec, storage_path)
-    _check_local_storage(storage)
+    check_storage(storage)
 
     experiment_id = parent.info.experiment_id
     adopted = tracking.trial_runs(client, experiment_id, parent_id, SWEPT)
@@ -451,6 +553,7 @@ def extend_sweep(
             num_trials=len(adopted) + trials,
             seconds_before=parent.data.metrics.get("sweep_seconds", 0.0),
         )
+        interrupts.raise_if_received()
         _reopen_parent(
             client,
             parent_id,
@@ -478,6 +581,13 @@ def _join(storage: str, name: str) -> str:
 
 def _parent_of(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[0]
+
+
+def _check_store(uri: str, experiment: str) -> None:
+    try:
+        tracking.check_store(uri, experiment)
+    except tracking.TrackingError as error:
+        raise PreflightError(str(error)) from None
 
 
 def _open_store(uri: str, experiment: str) -> tuple[mlflow.MlflowClient, str]:
@@ -700,11 +810,17 @@ def _drive(
     for s in previous:
         if s != signal.SIGUSR1:
             signal.signal(s, stop)
+    interrupts.set_closer(lambda: _close_as_killed(sweep, lineage))
     try:
-        results = tuner.fit()
+        if stop.name is None:  # else a signal came while the sweep was being set up
+            results = tuner.fit()
         status = "KILLED" if stop.name else "FINISHED"
     except (KeyboardInterrupt, _Interrupted):
         status = "KILLED"
+    except Exception:
+        if lineage.store_error is None:
+            raise
+        status = "FAILED"  # the tracking store stopped answering; reported below
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -712,15 +828,30 @@ def _drive(
         lineage.release()
         if status == "KILLED":
             say(f"interrupted ({stop.name or 'SIGINT'}): closing the sweep's MLflow runs")
-        lineage.close_open("interrupted")
-        counts = lineage.counts()
-        seconds = sweep.seconds_before + time.perf_counter() - started
-        summary = {f"trials_{k}": v for k, v in counts.items()}
-        tracking.log_summary(client, parent_id, {**summary, "sweep_seconds": seconds})
+        # A store that stopped answering gets one quick try per run, not minutes of retries.
+        lost = lineage.store_error is not None
+        with tracking.quick_http_failures() if lost else contextlib.nullcontext():
+            lineage.close_open("interrupted")
+            counts = lineage.counts()
+            seconds = sweep.seconds_before + time.perf_counter() - started
+            summary = {f"trials_{k}": v for k, v in counts.items()}
+            tracking.log_summary(client, parent_id, {**summary, "sweep_seconds": seconds})
+            if status != "FINISHED":
+                tracking.end_run(client, parent_id, status)
+                tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
         if status != "FINISHED":
-            tracking.end_run(client, parent_id, status)
-            tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
+            interrupts.set_closer(None)
 
+    if lineage.store_error is not None:
+        raise tracking.StoreLost(
+            f"the tracking store {sweep.uri} stopped answering while trials ran "
+            f"({lineage.store_error}), so the sweep was stopped; runs it could not close may "
+            "show RUNNING. Once the store answers again, continue the sweep: python -m sweeps "
+            f"resume --run-id {parent_id} --tracking-uri {sweep.uri}"
+        )
+    # A sweep in which no trial trained has failed, whatever Tune says.
+    if status == "FINISHED" and counts["completed"] + counts["stopped_early"] == 0:
+        status = "FAILED"
     result = SweepResult(
         sweep.uri,
         sweep.experiment_id,
@@ -742,7 +873,19 @@ def _drive(
     finally:
         tracking.end_run(client, parent_id, status)
         tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
+        interrupts.set_closer(None)
     return result
+
+
+def _close_as_killed(sweep: _Sweep, lineage: tracking.TrialLineage) -> None:
+    """End the sweep's open runs as KILLED when a stop hangs (the watchdog of interrupts)."""
+    lineage.stopping = lineage.stopping or "signal"
+    with tracking.quick_http_failures():
+        lineage.close_open("interrupted")
+        summary = {f"trials_{k}": v for k, v in lineage.counts().items()}
+        tracking.log_summary(sweep.client, sweep.parent_id, summary)
+        tracking.end_run(sweep.client, sweep.parent_id, "KILLED")
+        tracking.close_stale_runs(sweep.client, sweep.experiment_id, sweep.parent_id)
 
 
 def _main_thread() -> bool:

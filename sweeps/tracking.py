@@ -25,7 +25,9 @@ import contextlib
 import logging
 import math
 import os
+import sqlite3
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -80,14 +82,29 @@ MLFLOW_TAG_LIMIT = 4_000
 # backoff, 120 s per request) make an unreachable server look like a hang of several minutes.
 PREFLIGHT_HTTP_TIMEOUT_S = 10
 PREFLIGHT_HTTP_RETRIES = 1
+# While a sweep runs, a server that stops answering is given about 15 s (3 retries with
+# MLflow's exponential backoff) before the sweep stops, rather than MLflow's 4 minutes per
+# request, during which the driver could not even be interrupted.
+DRIVER_HTTP_RETRIES = 3
+DRIVER_HTTP_TIMEOUT_S = 30
 
 
 class TrackingError(RuntimeError):
     """The tracking store cannot be used; the message says which URI and why."""
 
 
+class StoreLost(RuntimeError):
+    """The tracking store stopped answering while a sweep ran; the sweep was stopped."""
+
+
+def use_driver_http_settings() -> None:
+    """Bound MLflow's HTTP retries for the rest of this process, unless the user set them."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", str(DRIVER_HTTP_RETRIES))
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", str(DRIVER_HTTP_TIMEOUT_S))
+
+
 @contextlib.contextmanager
-def _quick_http_failures() -> Iterator[None]:
+def quick_http_failures() -> Iterator[None]:
     """Within the block, MLflow gives up on an HTTP request after one retry and 10 s."""
     settings = {
         "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(PREFLIGHT_HTTP_RETRIES),
@@ -110,31 +127,56 @@ def _first_line(error: BaseException, limit: int = 400) -> str:
     return text.splitlines()[0][:limit] if text else type(error).__name__
 
 
+def check_store(uri: str, name: str) -> None:
+    """The preflight of a new sweep, which writes nothing: can `uri` hold experiment `name`?
+
+    A server must answer and accept this host; a SQLite file must be writable, or creatable
+    in an existing, writable folder; the experiment, if it exists, must not be deleted. Raises
+    TrackingError naming the URI and the cause, within seconds. Whether a server accepts
+    writes shows only when `open_experiment` writes, after the rest of the preflight.
+    """
+    _refuse_file_store(uri)
+    path = _sqlite_path(uri)
+    if path is not None:
+        _check_sqlite_file(uri, path)
+        if not path.exists():
+            return  # a new store: nothing in it to check yet
+    with _store_errors(uri):
+        experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+        if experiment is not None:
+            _check_active(uri, name, experiment.lifecycle_stage)
+
+
 def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
     """Connect to `uri`, create or find experiment `name`, and prove the store is writable.
 
-    This is the preflight: it raises TrackingError with the URI and the cause, before Ray or
-    any trial is started, within seconds even when a server does not answer. Several drivers
-    may open the same experiment at once; the one that loses the race to create it uses the
-    winner's.
+    Raises TrackingError with the URI and the cause within seconds, even when a server does
+    not answer. Several drivers may open the same experiment at once: the one that loses the
+    race to create it uses the winner's, and drivers creating one SQLite store take turns.
     """
+    _refuse_file_store(uri)
+    path = _sqlite_path(uri)
+    if path is not None:
+        _check_sqlite_file(uri, path)
+    with _sqlite_turn(path), _store_errors(uri):
+        client = MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            experiment_id = _create_experiment(client, uri, name)
+        else:
+            _check_active(uri, name, experiment.lifecycle_stage)
+            experiment_id = experiment.experiment_id
+        # Writable: set (and keep) a harmless experiment tag.
+        client.set_experiment_tag(experiment_id, "regsweep.last_preflight", str(int(time.time())))
+    return client, experiment_id
+
+
+@contextlib.contextmanager
+def _store_errors(uri: str) -> Iterator[None]:
+    """MLflow's quick HTTP failures, and any error of the store as a TrackingError."""
     try:
-        with _quick_http_failures():
-            client = MlflowClient(tracking_uri=uri)
-            experiment = client.get_experiment_by_name(name)
-            if experiment is None:
-                experiment_id = _create_experiment(client, uri, name)
-            elif experiment.lifecycle_stage != "active":
-                raise TrackingError(
-                    f"experiment {name!r} at {uri} is deleted; restore it in the MLflow UI, "
-                    "delete it for good with `mlflow gc`, or choose another tracking.experiment"
-                )
-            else:
-                experiment_id = experiment.experiment_id
-            # Writable: set (and keep) a harmless experiment tag.
-            client.set_experiment_tag(
-                experiment_id, "regsweep.last_preflight", str(int(time.time()))
-            )
+        with quick_http_failures():
+            yield
     except TrackingError:
         raise
     except Exception as error:  # MLflow raises many types for a bad store; report them all.
@@ -146,7 +188,87 @@ def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
             f"tracking store {uri!r} is not reachable or not writable: {reason}. Check "
             f"tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI ({hint})"
         ) from None
-    return client, experiment_id
+
+
+def _check_active(uri: str, name: str, lifecycle_stage: str) -> None:
+    if lifecycle_stage != "active":
+        raise TrackingError(
+            f"experiment {name!r} at {uri} is deleted; restore it in the MLflow UI, "
+            "delete it for good with `mlflow gc`, or choose another tracking.experiment"
+        )
+
+
+def _refuse_file_store(uri: str) -> None:
+    # MLflow 3 refuses its old file store (a folder of YAML files) unless forced; its own
+    # message is long and ends in a cut-off hint, so say it plainly.
+    if uri.startswith("file:") or (
+        "://" not in uri and uri not in ("databricks", "databricks-uc")
+    ):
+        raise TrackingError(
+            f"tracking store {uri!r} is a folder (MLflow's file store), which MLflow 3 no "
+            "longer writes: use a SQLite file, e.g. sqlite:///mlflow.db, or a server, "
+            "http://HOST:PORT (set tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI)"
+        )
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The file of a sqlite:///PATH URI (relative to the working directory), else None."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
+
+
+def _check_sqlite_file(uri: str, path: Path) -> None:
+    """A SQLite store must be a writable file, or creatable in an existing, writable folder.
+
+    MLflow itself retries a file it cannot open for about two minutes before it says so.
+    Checked by doing: a write transaction that is rolled back, or a temporary file in the
+    folder that is removed at once, so that nothing is left behind.
+    """
+    folder = path.parent
+    problem = None
+    if path.is_dir():
+        problem = "it is a folder, not a file"
+    elif not folder.is_dir():
+        problem = f"its folder {str(folder)!r} does not exist or is not a folder"
+    else:
+        try:
+            if path.exists():
+                with contextlib.closing(sqlite3.connect(f"file:{path}?mode=rw", uri=True)) as db:
+                    db.execute("BEGIN IMMEDIATE")
+                    db.rollback()
+            # SQLite also writes a journal file beside the store.
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".regsweep-check-"):
+                pass
+        except (OSError, sqlite3.Error) as error:
+            problem = f"it cannot be written ({_first_line(error)})"
+    if problem is not None:
+        raise TrackingError(
+            f"tracking store {uri!r} cannot be used: {problem}. Check tracking.uri, "
+            "--tracking-uri or MLFLOW_TRACKING_URI (sqlite:///RELATIVE/PATH.db or "
+            "sqlite:////ABSOLUTE/PATH.db)"
+        )
+
+
+@contextlib.contextmanager
+def _sqlite_turn(path: Path | None) -> Iterator[None]:
+    """Hold an exclusive lock on a SQLite store's folder, so that drivers create it in turn.
+
+    Two drivers started together on a new store would both run MLflow's schema migrations
+    and one would fail half way ("duplicate column name"). The lock is on the folder itself,
+    so no lock file is left behind.
+    """
+    if path is None:
+        yield
+        return
+    import fcntl
+
+    descriptor = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)  # closing releases the lock
 
 
 def open_sweep_run(
@@ -158,6 +280,7 @@ def open_sweep_run(
     The preflight of a command that reads or continues a sweep: it raises TrackingError, within
     seconds, when the store cannot be reached or holds no such sweep, naming what it looked for.
     """
+    _refuse_file_store(uri)
     # Reading must not create an empty store where a user mistyped the path.
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
         raise TrackingError(
@@ -166,7 +289,7 @@ def open_sweep_run(
             "the working directory)"
         )
     try:
-        with _quick_http_failures():
+        with quick_http_failures():
             client = MlflowClient(tracking_uri=uri)
             if run_id is not None:
                 run = client.get_run(run_id)
@@ -310,6 +433,8 @@ class TrialLineage(Callback):
         self.outcomes: dict[str, str] = {}
         self.last_results: dict[str, dict[str, Any]] = {}
         self.node_logged: set[str] = set()
+        # Set when a write to the tracking store failed while trials ran; the sweep stops.
+        self.store_error: str | None = None
         # Per trial, the last epoch already in MLflow, for trials adopted from an earlier
         # driver: a trial resumed from an older checkpoint reports those epochs again.
         self.logged_epochs: dict[str, int] = {}
@@ -334,9 +459,23 @@ class TrialLineage(Callback):
 
     # Tune callback hooks
 
+    @contextlib.contextmanager
+    def _writing(self, trial: Trial, what: str) -> Iterator[None]:
+        """A write that the store refuses stops the sweep: Tune's loop raises what its
+        callbacks raise. The trials' record would otherwise go missing while they train."""
+        try:
+            yield
+        except Exception as error:
+            self.store_error = f"{what} of trial {trial.trial_id}: {_first_line(error)}"
+            raise StoreLost(self.store_error) from error
+
     def on_trial_start(
         self, iteration: int, trials: list[Trial], trial: Trial, **info: Any
     ) -> None:
+        with self._writing(trial, "opening the run"):
+            self._start(trial)
+
+    def _start(self, trial: Trial) -> None:
         if trial.trial_id in self.run_ids:
             if trial.trial_id in self.outcomes:
                 self._reopen(trial)
@@ -366,6 +505,10 @@ class TrialLineage(Callback):
         if run_id is None:
             return
         self.last_results[trial.trial_id] = dict(result)
+        with self._writing(trial, f"logging epoch {_epoch(result)}"):
+            self._log_result(trial, run_id, result)
+
+    def _log_result(self, trial: Trial, run_id: str, result: dict) -> None:
         step = _epoch(result)
         if step <= self.logged_epochs.get(trial.trial_id, 0):
             log.debug("trial %s epoch %d is already in MLflow", trial.trial_id, step)
@@ -461,14 +604,21 @@ class TrialLineage(Callback):
             self.client.set_terminated(run_id, status=OUTCOME_STATUS[outcome])
             if error is not None:
                 self.client.log_text(run_id, error, "error.txt")
-        except Exception:  # the store failing here must not end the sweep
-            log.exception("could not close MLflow run %s of trial %s", run_id, trial_id)
+        except Exception as failure:  # the store failing here must not end the sweep
+            log.warning(
+                "could not close MLflow run %s of trial %s as %s: %s",
+                run_id,
+                trial_id,
+                outcome,
+                _first_line(failure),
+            )
 
     def _say(self, trial: Trial, what: str) -> None:
         if self.progress is None:
             return
-        done = len(self.outcomes)
-        running = len(self.run_ids) - done
+        # An interrupted trial that a resumed sweep will go on with is not done.
+        done = sum(1 for o in self.outcomes.values() if o != "interrupted" or self.stopping)
+        running = sum(1 for t in self.run_ids if t not in self.outcomes)
         self.progress(
             f"[{done:>3}/{self.num_trials} done, {running} running] trial {trial.trial_id} {what}"
         )
@@ -567,16 +717,20 @@ def log_summary(client: MlflowClient, parent_run_id: str, metrics: Mapping[str, 
             metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()],
             synchronous=True,
         )
-    except Exception:
-        log.exception("could not log the sweep summary to MLflow run %s", parent_run_id)
+    except Exception as error:
+        log.warning(
+            "could not log the sweep summary to MLflow run %s: %s",
+            parent_run_id,
+            _first_line(error),
+        )
 
 
 def end_run(client: MlflowClient, run_id: str, status: str) -> None:
     """Set a run's terminal status, logging rather than raising on failure."""
     try:
         client.set_terminated(run_id, status=status)
-    except Exception:
-        log.exception("could not end MLflow run %s as %s", run_id, status)
+    except Exception as error:
+        log.warning("could not end MLflow run %s as %s: %s", run_id, status, _first_line(error))
 
 
 def close_stale_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> int:
@@ -595,7 +749,11 @@ def close_stale_runs(client: MlflowClient, experiment_id: str, parent_run_id: st
         for run in stale:
             client.set_tag(run.info.run_id, OUTCOME_TAG, "interrupted")
             client.set_terminated(run.info.run_id, status=RunStatus.to_string(RunStatus.KILLED))
-    except Exception:
-        log.exception("could not close the RUNNING runs of sweep run %s", parent_run_id)
+    except Exception as error:
+        log.warning(
+            "could not close the RUNNING runs of sweep run %s: %s",
+            parent_run_id,
+            _first_line(error),
+        )
         return 0
     return len(stale)

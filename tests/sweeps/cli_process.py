@@ -22,9 +22,10 @@ class SweepCli:
     On exit the whole process group is killed if it still runs, and the temp dir is removed.
     """
 
-    def __init__(self, args: list[str], cwd: Path) -> None:
+    def __init__(self, args: list[str], cwd: Path, env: dict[str, str] | None = None) -> None:
         self.args = args
         self.cwd = cwd
+        self.extra_env = env or {}
         self.log_path = cwd / "cli.log"
         # Short: Ray's socket paths under it must stay below 107 characters.
         self.ray_tmpdir = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
@@ -38,6 +39,7 @@ class SweepCli:
         }
         env["RAY_TMPDIR"] = str(self.ray_tmpdir)
         env["PYTHONPATH"] = str(REPO)
+        env.update(self.extra_env)
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "sweeps", *self.args],

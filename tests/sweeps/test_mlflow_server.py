@@ -32,21 +32,20 @@ from sweeps.data import DeviceSplit, stage_dataset
 from sweeps.launch import SweepResult, run_sweep
 from sweeps.spec import SWEPT, SweepSpec, parse_spec
 from sweeps.tracking import OUTCOME_TAG, PARENT_TAG, ROLE_TAG
-from sweeps.train import EPOCH_METRICS, evaluate
-from tests.conftest import REPO, free_port, small_spec_data
+from sweeps.train import EPOCH_METRICS, evaluate, is_diverged
+from tests.conftest import REPO, free_port, run_cli, small_spec_data
+from tests.sweeps.cli_process import SweepCli
+from tests.sweeps.test_outcomes import wait_for_running_child
 
 pytestmark = pytest.mark.integration
 
 SERVER_START_TIMEOUT_S = 180  # two busy cores: importing the server alone can take 30 s
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """The URL of a fresh MLflow server; stopped by its process group when the module ends."""
-    work = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
+def start_server(work: Path, port: int) -> subprocess.Popen:
+    """`python -m sweeps server` on `port` with its store under `work`, once it answers."""
     log_path = work / "server.log"
-    with open(log_path, "w") as log:
+    with open(log_path, "a") as log:
         process = subprocess.Popen(
             [
                 *(sys.executable, "-m", "sweeps", "server"),
@@ -60,22 +59,28 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             start_new_session=True,
         )
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + SERVER_START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"mlflow server exited ({process.returncode}):\n{log_path.read_text()}")
+        try:
+            if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                return process
+        except requests.ConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            stop_process_group(process)
+            pytest.fail(f"mlflow server not up in {SERVER_START_TIMEOUT_S} s")
+        time.sleep(1.0)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The URL of a fresh MLflow server; stopped by its process group when the module ends."""
+    port = free_port()
+    process = start_server(tmp_path_factory.mktemp("mlflow-server"), port)
     try:
-        deadline = time.monotonic() + SERVER_START_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(
-                    f"mlflow server exited ({process.returncode}):\n{log_path.read_text()}"
-                )
-            try:
-                if requests.get(f"{url}/health", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"mlflow server not up in {SERVER_START_TIMEOUT_S} s")
-            time.sleep(1.0)
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
         stop_process_group(process)
 
@@ -262,8 +267,8 @@ def test_a_driver_that_loses_the_race_to_create_the_experiment_uses_the_winners(
 
 def test_diverged_trial_is_recorded_with_nan_over_http(server: str, ray_local, tmp_path) -> None:
     # lr 10 with weight decay 1 (coupled) multiplies the weights by about -9 each step: the
-    # loss is finite in epoch 1 and NaN in epoch 2, before the 3 epochs are done. The NaN must
-    # survive the REST round trip.
+    # loss blows up before the 3 epochs are done. The diverged epoch's val_loss is NaN, and the
+    # NaN must survive the REST round trip.
     data = small_spec_data(
         tmp_path,
         training={"epochs": 3, "lr": 10.0},
@@ -284,14 +289,16 @@ def test_diverged_trial_is_recorded_with_nan_over_http(server: str, ray_local, t
     assert child.data.tags[OUTCOME_TAG] == "diverged"
     assert result.outcomes["diverged"] == 1
     assert sweep.parent.data.metrics["trials_diverged"] == 1
-    assert sweep.parent.info.status == "FINISHED"
+    assert sweep.parent.info.status == "FAILED"  # no trial of the sweep trained
 
     losses = metric_history(sweep.client, child.info.run_id, "train_loss")
+    val_losses = metric_history(sweep.client, child.info.run_id, "val_loss")
     diverged = metric_history(sweep.client, child.info.run_id, "diverged")
     assert [step for step, _ in losses] == list(range(1, len(losses) + 1))
-    assert 1 < len(losses) < spec.training.epochs
-    assert all(math.isfinite(value) for _, value in losses[:-1])
-    assert math.isnan(losses[-1][1])
+    assert len(losses) < spec.training.epochs
+    assert is_diverged(losses[-1][1], num_classes=10)
+    assert all(not is_diverged(value, num_classes=10) for _, value in losses[:-1])
+    assert math.isnan(val_losses[-1][1])
     assert diverged[-1] == (len(losses), 1.0)
 
     # A diverged network is no candidate for the best model.
@@ -301,3 +308,54 @@ def test_diverged_trial_is_recorded_with_nan_over_http(server: str, ray_local, t
         [child.info.experiment_id], filter_string="attributes.status = 'RUNNING'"
     )
     assert list(running) == []
+
+
+def test_a_server_lost_mid_sweep_stops_it_in_seconds_and_resume_finishes_it(
+    tmp_path: Path,
+) -> None:
+    # MLflow's own retries kept the driver in one request for 4 minutes, deaf to Ctrl-C.
+    port, epochs = free_port(), 12
+    url = f"http://127.0.0.1:{port}"
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    data = small_spec_data(
+        tmp_path,
+        training={"epochs": epochs},
+        search={"num_trials": 2, "n_startup_trials": 2},
+        scheduler={"name": "fifo"},
+        resources={"cpus_per_trial": 1, "max_concurrent_trials": 1},
+        tracking={"uri": url, "experiment": "lost"},
+    )
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+
+    process = start_server(server_dir, port)
+    try:
+        with SweepCli(["run", str(spec_file)], tmp_path) as cli:
+            wait_for_running_child(url, timeout=240, cli=cli)
+            stop_process_group(process)
+            lost_at = time.monotonic()
+            returncode = cli.wait(timeout=240)
+            seconds = time.monotonic() - lost_at
+            output = cli.output()
+        assert returncode == 1, output[-4000:]
+        assert "stopped answering while trials ran" in output
+        assert "Traceback" not in output
+        assert seconds < 120, output[-4000:]
+
+        # The store answers again: the printed command finishes the sweep in the same runs.
+        process = start_server(server_dir, port)
+        done = run_cli(["resume", "--tracking-uri", url], cwd=tmp_path, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        client = MlflowClient(url)
+        experiment = client.get_experiment_by_name("lost")
+        runs = client.search_runs([experiment.experiment_id])
+        assert [r.info.status for r in runs if PARENT_TAG not in r.data.tags] == ["FINISHED"]
+        children = [r for r in runs if PARENT_TAG in r.data.tags]
+        assert len(children) == 2
+        for child in children:
+            assert child.info.status == "FINISHED"
+            steps = [step for step, _ in metric_history(client, child.info.run_id, "val_acc")]
+            assert steps == list(range(1, epochs + 1))
+    finally:
+        stop_process_group(process)

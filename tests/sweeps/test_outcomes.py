@@ -20,6 +20,7 @@ import yaml
 from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
+from sweeps.interrupts import STOP_GRACE_ENV
 from sweeps.launch import run_sweep
 from sweeps.tracking import OUTCOME_TAG, PARENT_TAG
 from tests.conftest import small_spec_data
@@ -72,6 +73,9 @@ def test_raising_trial_is_failed_with_outcome_error_and_its_message(make_spec, r
         assert history(result.tracking_uri, child.info.run_id, "val_acc") == [(1, 0.5)]
     assert result.outcomes["error"] == 2
     assert parent.data.metrics["trials_error"] == 2
+    # No trial trained: the sweep itself failed.
+    assert result.status == "FAILED"
+    assert parent.info.status == "FAILED"
     assert result.best == {}
     assert running_runs(result.tracking_uri) == []
 
@@ -196,3 +200,39 @@ def test_sigterm_to_the_driver_kills_every_run(make_spec, ray_local) -> None:
     assert result.best == {}
     assert seen, "the watcher never saw a running trial"
     assert_interrupted(uri, seen[0], epochs)
+
+
+def test_sigterm_to_the_whole_process_group_still_kills_every_run(tmp_path: Path) -> None:
+    # `timeout` and some job runners signal the group: the local Ray dies with the driver,
+    # Tune can no longer stop, and the watchdog closes the record after its grace period.
+    epochs = 40
+    data = small_spec_data(tmp_path, **long_sweep(epochs))
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+    uri = data["tracking"]["uri"]
+
+    with SweepCli(["run", str(spec_file)], tmp_path, {STOP_GRACE_ENV: "8"}) as cli:
+        interrupted_id = wait_for_running_child(uri, timeout=240, cli=cli)
+        os.killpg(cli.pid, signal.SIGTERM)  # the group this test started, Ray included
+        returncode = cli.wait(timeout=120)
+        output = cli.output()
+    assert returncode == 130, output[-4000:]
+    assert "received SIGTERM" in output
+    assert_interrupted(uri, interrupted_id, epochs, output[-4000:])
+
+
+def test_a_signal_before_any_trial_starts_exits_130_and_records_nothing(tmp_path: Path) -> None:
+    data = small_spec_data(tmp_path)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(yaml.safe_dump(data))
+
+    with SweepCli(["run", str(spec_file)], tmp_path) as cli:
+        # While Python imports Ray and MLflow: a signal there used to vanish or crash.
+        time.sleep(1.0)
+        os.kill(cli.pid, signal.SIGINT)
+        returncode = cli.wait(timeout=120)
+        output = cli.output()
+    assert returncode == 130, output[-4000:]
+    assert "Traceback" not in output
+    assert "nothing was recorded" in output
+    assert not (tmp_path / "mlflow.db").exists()

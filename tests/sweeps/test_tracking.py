@@ -62,6 +62,54 @@ def test_a_driver_that_loses_the_race_to_create_the_experiment_uses_the_winners(
     assert tracking._create_experiment(client, store, "raced") == winner
 
 
+def test_the_read_only_preflight_leaves_a_new_sqlite_store_uncreated(tmp_path: Path) -> None:
+    tracking.check_store(f"sqlite:///{tmp_path / 'mlflow.db'}", "sweeps")
+    assert list(tmp_path.iterdir()) == []  # neither the store nor the probe file
+
+
+def test_the_read_only_preflight_refuses_a_deleted_experiment_and_writes_nothing(
+    store: str,
+) -> None:
+    client, experiment_id = tracking.open_experiment(store, "gone-before-check")
+    client.delete_experiment(experiment_id)
+    before = Path(store.removeprefix("sqlite:///")).stat().st_mtime_ns
+    with pytest.raises(TrackingError, match="is deleted"):
+        tracking.check_store(store, "gone-before-check")
+    assert Path(store.removeprefix("sqlite:///")).stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("check", [tracking.check_store, tracking.open_experiment])
+def test_a_sqlite_store_that_cannot_be_written_is_refused_in_seconds(check) -> None:
+    # MLflow alone retries a file it cannot create for about two minutes.
+    started = time.monotonic()
+    with pytest.raises(TrackingError, match=r"'sqlite:////proc/mlflow.db' cannot be used"):
+        check("sqlite:////proc/mlflow.db", "sweeps")
+    assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "mlruns"])
+def test_a_file_store_is_refused_with_what_to_use_instead(uri: str) -> None:
+    with pytest.raises(TrackingError, match=r"sqlite:///mlflow\.db") as refused:
+        tracking.check_store(uri, "sweeps")
+    assert repr(uri) in str(refused.value)
+
+
+def _open_in_another_process(uri: str) -> str:
+    return tracking.open_experiment(uri, "created-together")[1]
+
+
+def test_drivers_creating_one_new_sqlite_store_together_all_succeed(tmp_path: Path) -> None:
+    # Without taking turns, one of them fails in MLflow's schema migration.
+    import multiprocessing
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        ids = pool.map(_open_in_another_process, [uri] * 3)
+    assert len(set(ids)) == 1
+    names = [e.name for e in MlflowClient(uri).search_experiments()]
+    assert names.count("created-together") == 1
+
+
 def test_preflight_against_a_closed_port_fails_in_seconds_naming_the_uri() -> None:
     # MLflow's defaults retry a refused connection for minutes; the preflight must not.
     uri = f"http://127.0.0.1:{free_port()}"
