@@ -309,6 +309,18 @@ class ResourcesSpec(_Strict):
     # the sweep would wait forever.
     custom: dict[str, Annotated[float, Field(gt=0.0)]] = {}
 
+    @field_validator("gpus_per_trial")
+    @classmethod
+    def _whole_gpus_above_one(cls, gpus: float) -> float:
+        # Ray shares one GPU among trials (a fraction), but a trial of more than one GPU
+        # takes whole ones.
+        if gpus > 1 and not float(gpus).is_integer():
+            raise ValueError(
+                f"{gpus} GPUs: a trial takes a fraction of one GPU (at most 1) or a whole "
+                "number of GPUs"
+            )
+        return gpus
+
     @field_validator("custom")
     @classmethod
     def _custom(cls, custom: dict[str, float]) -> dict[str, float]:

@@ -507,3 +507,13 @@ def test_check_refuses_bad_files_with_exit_2_and_no_traceback(
     err = capsys.readouterr().err
     assert err.startswith("error: ") and words in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(("gpus", "accepted"), [(0.25, True), (1, True), (2, True), (1.5, False)])
+def test_gpus_per_trial_is_a_fraction_of_one_or_whole_gpus(gpus: float, accepted: bool) -> None:
+    data = {"name": "gpus", "resources": {"gpus_per_trial": gpus}}
+    if accepted:
+        assert parse_spec(data).resources.gpus_per_trial == gpus
+    else:
+        with pytest.raises(SpecError, match=r"resources\.gpus_per_trial: 1\.5 GPUs"):
+            parse_spec(data)
