@@ -132,6 +132,7 @@ def _finish(result, experiment: str | None, top: int, say) -> int:
     import pandas as pd
 
     from sweeps import analysis
+    from sweeps.launch import resume_command
 
     say(f"sweep {result.status}: trials by outcome {result.outcomes}")
     mlflow.set_tracking_uri(result.tracking_uri)
@@ -151,10 +152,7 @@ def _finish(result, experiment: str | None, top: int, say) -> int:
     where = f" in experiment {experiment!r}" if experiment else ""
     print(f"MLflow sweep run: {result.parent_run_id}{where}")
     print(f"Open the UI: {analysis.ui_command(result.tracking_uri)}")
-    resume = (
-        f"python -m sweeps resume --run-id {result.parent_run_id} "
-        f"--tracking-uri {result.tracking_uri}"
-    )
+    resume = resume_command(result.tracking_uri, result.parent_run_id)
     if result.status == "KILLED":
         print(f"Continue it: {resume}")
         return EXIT_INTERRUPTED
@@ -193,6 +191,14 @@ def cmd_report(args: argparse.Namespace) -> int:
             return refuse(
                 f"--plot {args.plot}: the folder {plot.parent} does not exist; create it or "
                 "give a file in an existing folder"
+            )
+        from matplotlib.backend_bases import FigureCanvasBase
+
+        formats = FigureCanvasBase.get_supported_filetypes()
+        if plot.suffix and plot.suffix[1:].lower() not in formats:
+            return refuse(
+                f"--plot {args.plot}: matplotlib cannot write {plot.suffix!r} files; give one "
+                f"ending in {', '.join('.' + f for f in sorted(formats))} (PNG if none)"
             )
 
     import mlflow
@@ -233,6 +239,20 @@ def cmd_server(args: argparse.Namespace) -> int:
     disk. Without --allowed-hosts MLflow's own default applies: localhost on any port (an SSH
     tunnel) and private addresses (a cluster's nodes); other Host headers are refused.
     """
+    from sweeps.tracking import TrackingError, check_server_backend
+
+    # Refuse what `mlflow server` would only log before exiting 0 (a port in use) or turn
+    # into a traceback (a bad backend URI), so that a script or `nohup ... &` can tell.
+    try:
+        check_server_backend(args.backend_store_uri)
+    except TrackingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_REFUSED
+    problem = _server_port_problem(args.host, args.port)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return EXIT_REFUSED
+
     artifacts = args.artifacts_destination
     if "://" not in artifacts:
         artifacts = str(Path(artifacts).expanduser().resolve())
@@ -268,6 +288,44 @@ def cmd_server(args: argparse.Namespace) -> int:
     print("starting:", " ".join(command), flush=True)
     os.execv(sys.executable, command)
     return EXIT_FAILED  # not reached
+
+
+def _server_port_problem(host: str, port: int) -> str | None:
+    """Why `mlflow server` could not listen at host:port, or None if it can."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as error:
+        return f"--host {host!r} is not an address of this machine: {error}"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As the server will: an address left in TIME_WAIT by a stopped server is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            return (
+                f"cannot listen at {host}:{port} ({error.strerror or error}): choose a free "
+                "--port, or stop what listens there"
+            )
+    return None
+
+
+def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
+    """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer ({what})") from None
+        if value < low or (high is not None and value > high):
+            allowed = f"{low}..{high}" if high is not None else f">= {low}"
+            raise argparse.ArgumentTypeError(f"{value} is not allowed: {what}, {allowed}")
+        return value
+
+    return parse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -351,8 +409,15 @@ def parser() -> argparse.ArgumentParser:
         help="directory or s3://... where the server keeps artifacts (default: mlartifacts)",
     )
     server.add_argument("--host", default="127.0.0.1", help="bind address (keep loopback)")
-    server.add_argument("--port", type=int, default=5000)
-    server.add_argument("--workers", type=int, default=2)
+    server.add_argument(
+        "--port", type=_int_in(1, 65535, "a TCP port"), default=5000, help="(default: 5000)"
+    )
+    server.add_argument(
+        "--workers",
+        type=_int_in(1, None, "server worker processes"),
+        default=2,
+        help="server worker processes (default: 2)",
+    )
     server.add_argument(
         "--allowed-hosts",
         help="comma-separated Host headers to accept (default: MLflow's, localhost on any "

@@ -211,6 +211,16 @@ def plot_trials(frame: pd.DataFrame, path: str | Path) -> Path:
     return path
 
 
+def _shown_path(path: Path, cwd: str | Path | None) -> str:
+    # Relative to `cwd` (default: the working directory) when below it, else absolute; a bare
+    # name would be looked up on PATH, so a file in `cwd` itself gets "./".
+    base = Path(os.path.abspath(Path.cwd() if cwd is None else cwd))
+    if path.is_relative_to(base):
+        shown = path.relative_to(base).as_posix()
+        return shlex.quote(shown if "/" in shown else f"./{shown}")
+    return shlex.quote(str(path))
+
+
 def mlflow_executable(cwd: str | Path | None = None) -> str:
     """The shell words that run this Python's MLflow, whether or not its venv is activated.
 
@@ -224,14 +234,12 @@ def mlflow_executable(cwd: str | Path | None = None) -> str:
     )
     if script is None:
         return f"{shlex.quote(sys.executable)} -m mlflow"
-    base = Path(os.path.abspath(Path.cwd() if cwd is None else cwd))
-    if script.is_relative_to(base):
-        # A bare name would be looked up on PATH, so a script in `cwd` itself gets "./".
-        shown = script.relative_to(base).as_posix()
-        shown = shown if "/" in shown else f"./{shown}"
-    else:
-        shown = str(script)
-    return shlex.quote(shown)
+    return _shown_path(script, cwd)
+
+
+def sweeps_command(cwd: str | Path | None = None) -> str:
+    """The shell words that run regsweep's CLI with this Python, venv activated or not."""
+    return f"{_shown_path(Path(os.path.abspath(sys.executable)), cwd)} -m sweeps"
 
 
 def ui_command(tracking_uri: str, cwd: str | Path | None = None) -> str:
@@ -259,6 +267,7 @@ __all__ = [
     "latest_sweep_run_id",
     "mlflow_executable",
     "plot_trials",
+    "sweeps_command",
     "trials_frame",
     "ui_command",
 ]

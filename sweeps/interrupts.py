@@ -6,7 +6,9 @@ raising it wherever it lands could lose it (Python drops an exception raised ins
 collector callback) or tear Ray's start-up apart half way. The sweep code asks
 `raise_if_received` at the points where stopping is safe (after Ray starts, after the data is
 staged, before Tune starts), and while Tune runs its own handler asks Tune to stop
-(`sweeps.launch`). A second signal raises KeyboardInterrupt wherever it lands.
+(`sweeps.launch`). A second signal raises KeyboardInterrupt wherever it lands, so that the
+code setting up the sweep is unwound; while `sweeps.launch` closes the runs, signals are
+ignored; once they are closed (`record_closed`) a second signal exits with 130 at once.
 
 The first signal also starts a watchdog. A clean stop takes seconds; one that does not end
 within `STOP_GRACE_S` is stuck, typically because the signal went to the whole process group
@@ -35,6 +37,8 @@ STOP_GRACE_S = 25.0
 _installed = False
 _received: str | None = None
 _closer: Callable[[], None] | None = None
+_record_closed = False
+_farewell = ""
 _done = threading.Event()
 
 
@@ -48,9 +52,19 @@ def install() -> None:
 
 def _handler(signum: int, frame: object) -> None:
     name = signal.Signals(signum).name
-    if _received is not None:
-        raise KeyboardInterrupt(name)
-    record(name)
+    if _received is None:
+        record(name)
+        return
+    if _record_closed:
+        # Nothing is left to close: stop at once. Raising here could land in Ray's shutdown
+        # and leave an exit status that is not the documented one.
+        _write(f"received {name} again: stopping at once; the sweep's runs are closed\n")
+        if _farewell:
+            _write(f"{_farewell}\n")
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+        os._exit(EXIT_INTERRUPTED)
+    raise KeyboardInterrupt(name)
 
 
 def record(name: str) -> None:
@@ -79,6 +93,16 @@ def set_closer(closer: Callable[[], None] | None) -> None:
     """What the watchdog runs before it exits: ends the open sweep's runs. None: nothing open."""
     global _closer
     _closer = closer
+
+
+def record_closed(farewell: str = "") -> None:
+    """Every run of the sweep is in a terminal state: a second signal may now exit at once,
+    after writing `farewell` (such as the command that continues the sweep; an empty one
+    keeps the last)."""
+    global _record_closed, _closer, _farewell
+    _closer = None
+    _record_closed = True
+    _farewell = farewell or _farewell
 
 
 def finished() -> None:

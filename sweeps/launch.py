@@ -37,7 +37,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps import interrupts, tracking
+from sweeps import analysis, interrupts, tracking
 from sweeps.data import DeviceSplit, StagedData, stage_dataset
 from sweeps.spec import SWEPT, SweepSpec, load_spec, parse_spec
 from sweeps.train import TrialConfig, build_model, evaluate
@@ -198,16 +198,24 @@ def _check_resources(spec: SweepSpec, local: bool, say: Callable[[str], None]) -
 
 
 def _searcher(
-    spec: SweepSpec, evaluated: list[tuple[dict[str, float], float]] | None = None
+    spec: SweepSpec,
+    evaluated: list[tuple[dict[str, float], float]] | None = None,
+    extension: int = 0,
 ) -> OptunaSearch:
-    """Seeded TPE over the spec's ranges; `evaluated` warm-starts it with (values, val_acc)."""
+    """Seeded TPE over the spec's ranges; `evaluated` warm-starts it with (values, val_acc).
+
+    The k-th `extension` of a sweep seeds its sampler with search.seed + k. With the sweep's
+    own seed, a sampler that is still in its random start-up phase (fewer evaluated trials
+    than search.n_startup_trials) would draw again exactly the values the sweep began with.
+    """
     space = spec.search.space
     distributions = {}
     for name in SWEPT:
         r = getattr(space, name)
         distributions[name] = optuna.distributions.FloatDistribution(r.low, r.high, log=r.log)
     sampler = optuna.samplers.TPESampler(
-        seed=spec.search.seed, n_startup_trials=spec.search.n_startup_trials
+        seed=(spec.search.seed + extension) % 2**32,
+        n_startup_trials=spec.search.n_startup_trials,
     )
     points = [values for values, _ in evaluated or []]
     rewards = [reward for _, reward in evaluated or []]
@@ -451,7 +459,7 @@ def resume_sweep(
     if status == "FINISHED":
         raise PreflightError(
             f"sweep run {parent_id} finished: there is nothing to resume. To add trials to it: "
-            f"python -m sweeps extend --run-id {parent_id} --trials N"
+            f"{analysis.sweeps_command()} extend --run-id {parent_id} --trials N"
         )
     if status == "RUNNING" and not force:
         _refuse_live_driver(parent)
@@ -461,7 +469,7 @@ def resume_sweep(
         raise PreflightError(
             f"sweep run {parent_id} cannot be resumed: Tune's state of it is not at "
             f"{tune_path or '(no path recorded)'!r} (no tuner.pkl there). Start the sweep again "
-            "with `python -m sweeps run SPEC`"
+            f"with `{analysis.sweeps_command()} run SPEC`"
         )
     say(f"resuming sweep run {parent_id} ({status}) from {tune_path}")
 
@@ -521,7 +529,7 @@ def extend_sweep(
     if status != "FINISHED":
         raise PreflightError(
             f"sweep run {parent_id} is {status}, not finished: resume it first "
-            f"(python -m sweeps resume --run-id {parent_id}), then extend it"
+            f"({analysis.sweeps_command()} resume --run-id {parent_id}), then extend it"
         )
     stored = _stored_spec(client, parent_id)
     data = stored.model_dump(mode="json")
@@ -560,12 +568,15 @@ def extend_sweep(
             {
                 tracking.EXTENSIONS_TAG: str(extension),
                 f"{tracking.EXTENSIONS_TAG}.{extension}.trials": str(trials),
+                f"{tracking.EXTENSIONS_TAG}.{extension}.seed": str(
+                    (spec.search.seed + extension) % 2**32
+                ),
                 tracking.NUM_TRIALS_TAG: str(sweep.num_trials),
             },
         )
 
         def new_tuner(wrapped: Any, callback: tune.Callback) -> tune.Tuner:
-            searcher = _searcher(spec, evaluated)
+            searcher = _searcher(spec, evaluated, extension)
             return _tuner(spec, wrapped, callback, sweep.tune_path, searcher)
 
         return _drive(sweep, data_staged, data_ref, trainable, new_tuner)
@@ -818,36 +829,46 @@ def _drive(
     except (KeyboardInterrupt, _Interrupted):
         status = "KILLED"
     except Exception:
-        if lineage.store_error is None:
+        if stop.name is not None:
+            # A second signal landed inside Tune, which may wrap what the handler raised.
+            status = "KILLED"
+        elif lineage.store_error is None:
             raise
-        status = "FAILED"  # the tracking store stopped answering; reported below
+        else:
+            status = "FAILED"  # the tracking store stopped answering; reported below
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
-        lineage.release()
-        if status == "KILLED":
-            say(f"interrupted ({stop.name or 'SIGINT'}): closing the sweep's MLflow runs")
-        # A store that stopped answering gets one quick try per run, not minutes of retries.
-        lost = lineage.store_error is not None
-        with tracking.quick_http_failures() if lost else contextlib.nullcontext():
-            lineage.close_open("interrupted")
-            counts = lineage.counts()
-            seconds = sweep.seconds_before + time.perf_counter() - started
-            summary = {f"trials_{k}": v for k, v in counts.items()}
-            tracking.log_summary(client, parent_id, {**summary, "sweep_seconds": seconds})
-            if status != "FINISHED":
-                tracking.end_run(client, parent_id, status)
-                tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
+        # Closing the record is not interrupted: further signals are ignored until every run
+        # is closed (the watchdog of sweeps.interrupts still ends a close that hangs).
+        for s in previous:
+            signal.signal(s, signal.SIG_IGN)
+        try:
+            _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
+            lineage.release()
+            if status == "KILLED":
+                say(f"interrupted ({stop.name or 'SIGINT'}): closing the sweep's MLflow runs")
+            # A store that stopped answering gets one quick try per run, not minutes of retries.
+            lost = lineage.store_error is not None
+            with tracking.quick_http_failures() if lost else contextlib.nullcontext():
+                lineage.close_open("interrupted")
+                counts = lineage.counts()
+                seconds = sweep.seconds_before + time.perf_counter() - started
+                summary = {f"trials_{k}": v for k, v in counts.items()}
+                tracking.log_summary(client, parent_id, {**summary, "sweep_seconds": seconds})
+                if status != "FINISHED":
+                    tracking.end_run(client, parent_id, status)
+                    tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
         if status != "FINISHED":
-            interrupts.set_closer(None)
+            interrupts.record_closed(f"Continue it: {resume_command(sweep.uri, parent_id)}")
 
     if lineage.store_error is not None:
         raise tracking.StoreLost(
             f"the tracking store {sweep.uri} stopped answering while trials ran "
-            f"({lineage.store_error}), so the sweep was stopped; runs it could not close may "
-            "show RUNNING. Once the store answers again, continue the sweep: python -m sweeps "
-            f"resume --run-id {parent_id} --tracking-uri {sweep.uri}"
+            f"({lineage.store_error}), so the sweep was stopped; runs it "
+            "could not close may show RUNNING. Once the store answers again, continue the "
+            f"sweep:\n  {resume_command(sweep.uri, parent_id)}"
         )
     # A sweep in which no trial trained has failed, whatever Tune says.
     if status == "FINISHED" and counts["completed"] + counts["stopped_early"] == 0:
@@ -873,8 +894,16 @@ def _drive(
     finally:
         tracking.end_run(client, parent_id, status)
         tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
-        interrupts.set_closer(None)
+        interrupts.record_closed()
     return result
+
+
+def resume_command(tracking_uri: str, parent_run_id: str) -> str:
+    """The command that continues sweep run `parent_run_id`, runnable as printed."""
+    return (
+        f"{analysis.sweeps_command()} resume --run-id {parent_run_id} "
+        f"--tracking-uri {tracking_uri}"
+    )
 
 
 def _close_as_killed(sweep: _Sweep, lineage: tracking.TrialLineage) -> None:

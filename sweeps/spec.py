@@ -242,6 +242,11 @@ class DatasetSpec(_Strict):
         return self
 
 
+# The deepest CIFAR ResNet of He et al. (2016). Deeper names are valid for regmodels but a
+# spec that asks for one is almost certainly a typo, and it would fill the memory of a node.
+MAX_DEPTH = 1202
+
+
 class ModelSpec(_Strict):
     name: str = "resnet20"
     width: Annotated[int, Field(ge=1, le=16)] = 1
@@ -252,7 +257,12 @@ class ModelSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, name: str) -> str:
-        parse_depth(name)
+        depth = parse_depth(name)
+        if depth > MAX_DEPTH:
+            raise ValueError(
+                f"depth {depth} is more than this sweep service trains: use resnet<depth> with "
+                f"depth 6n + 2 up to {MAX_DEPTH} (resnet{MAX_DEPTH}, the deepest of He et al.)"
+            )
         return name
 
 
@@ -340,7 +350,7 @@ class ResourcesSpec(_Strict):
 class TrackingSpec(_Strict):
     uri: str | None = None
     # None: the sweep's name, filled in by SweepSpec's validation.
-    experiment: str | None = None
+    experiment: Annotated[str, Field(min_length=1)] | None = None
     register_model: bool = True
 
 

@@ -122,9 +122,13 @@ def quick_http_failures() -> Iterator[None]:
                 os.environ[key] = value
 
 
-def _first_line(error: BaseException, limit: int = 400) -> str:
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    # An HTTP client's error can run to 500 characters of connection-pool detail on one line.
     text = str(error).strip()
-    return text.splitlines()[0][:limit] if text else type(error).__name__
+    if not text:
+        return type(error).__name__
+    line = text.splitlines()[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def check_store(uri: str, name: str) -> None:
@@ -145,6 +149,30 @@ def check_store(uri: str, name: str) -> None:
         experiment = MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
         if experiment is not None:
             _check_active(uri, name, experiment.lifecycle_stage)
+
+
+SERVER_BACKENDS = ("sqlite", "postgresql", "mysql", "mssql")
+
+
+def check_server_backend(uri: str) -> None:
+    """The preflight of `sweeps server`: a database URI MLflow serves, a SQLite file writable.
+
+    Raises TrackingError naming the URI and what is allowed; writes nothing.
+    """
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else ""
+    if scheme not in SERVER_BACKENDS:
+        raise TrackingError(
+            f"--backend-store-uri {uri!r} is not a database URI: use sqlite:///PATH or "
+            "postgresql://USER@HOST/DB (MLflow also serves mysql:// and mssql://)"
+        )
+    path = _sqlite_path(uri)
+    if path is not None:
+        _check_sqlite_file(uri, path, where="--backend-store-uri")
+    elif scheme == "sqlite":
+        raise TrackingError(
+            f"--backend-store-uri {uri!r} names no file: use sqlite:///PATH, e.g. "
+            "sqlite:///mlflow.db (three slashes, then the path)"
+        )
 
 
 def open_experiment(uri: str, name: str) -> tuple[MlflowClient, str]:
@@ -218,7 +246,9 @@ def _sqlite_path(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///").split("?", 1)[0])
 
 
-def _check_sqlite_file(uri: str, path: Path) -> None:
+def _check_sqlite_file(
+    uri: str, path: Path, where: str = "tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI"
+) -> None:
     """A SQLite store must be a writable file, or creatable in an existing, writable folder.
 
     MLflow itself retries a file it cannot open for about two minutes before it says so.
@@ -244,9 +274,8 @@ def _check_sqlite_file(uri: str, path: Path) -> None:
             problem = f"it cannot be written ({_first_line(error)})"
     if problem is not None:
         raise TrackingError(
-            f"tracking store {uri!r} cannot be used: {problem}. Check tracking.uri, "
-            "--tracking-uri or MLFLOW_TRACKING_URI (sqlite:///RELATIVE/PATH.db or "
-            "sqlite:////ABSOLUTE/PATH.db)"
+            f"tracking store {uri!r} cannot be used: {problem}. Check {where} "
+            "(sqlite:///RELATIVE/PATH.db or sqlite:////ABSOLUTE/PATH.db)"
         )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -260,3 +261,26 @@ def test_report_with_a_plot_in_a_missing_folder_exits_2_before_reading(tmp_path:
     assert f"--plot {target}: the folder {target.parent} does not exist" in done.stderr
     assert "Traceback" not in done.stderr
     assert not target.parent.exists()
+
+
+def test_report_with_a_plot_format_matplotlib_cannot_write_exits_2_before_reading(
+    tmp_path: Path,
+) -> None:
+    target = tmp_path / "trials.txt"
+    done = run_cli(
+        ["report", "--tracking-uri", f"sqlite:///{tmp_path / 'typo.db'}", "--plot", str(target)],
+        tmp_path,
+    )
+
+    assert done.returncode == 2
+    assert "matplotlib cannot write '.txt' files" in done.stderr and ".png" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not target.exists() and not (tmp_path / "typo.db").exists()
+
+
+def test_the_printed_cli_command_runs_with_this_python(tmp_path: Path) -> None:
+    words = shlex.split(analysis.sweeps_command(cwd=tmp_path))
+    assert words[1:] == ["-m", "sweeps"]
+    assert Path(words[0]).is_absolute() or (tmp_path / words[0]).exists()
+    done = subprocess.run([*words, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert done.returncode == 0 and "resume" in done.stdout

@@ -182,6 +182,19 @@ def test_a_warm_started_searcher_proposes_where_earlier_trials_did_best(make_spe
     assert warm < cold / 2, (warm, cold)
 
 
+def test_an_extension_in_the_random_start_up_phase_does_not_replay_the_sweep(make_spec) -> None:
+    # Fewer evaluated trials than n_startup_trials: the extension's TPE still draws at random.
+    spec = make_spec(search={"seed": 7, "n_startup_trials": 6})
+    sweep = _searcher(spec)
+    first = [sweep.suggest(f"t{i}") for i in range(4)]
+    evaluated = [(values, 0.9) for values in first]
+
+    extension = _searcher(spec, evaluated, extension=1)
+    proposals = [extension.suggest(f"e{i}") for i in range(4)]
+    for values in proposals:
+        assert values not in first, values
+
+
 # Real sweeps, interrupted and continued
 
 
@@ -262,6 +275,9 @@ def test_an_interrupted_sweep_resumes_then_extends_in_the_same_runs(tmp_path: Pa
     for child in children:
         for name in SWEPT:
             assert name in child.data.params
+    proposals = {tuple(c.data.params[name] for name in SWEPT) for c in children}
+    assert len(proposals) == len(children)
+    assert "regsweep.extensions.1.seed" in parent.data.tags
 
 
 @pytest.mark.integration

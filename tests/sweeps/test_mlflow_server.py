@@ -359,3 +359,32 @@ def test_a_server_lost_mid_sweep_stops_it_in_seconds_and_resume_finishes_it(
             assert steps == list(range(1, epochs + 1))
     finally:
         stop_process_group(process)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--backend-store-uri", "bogus://x"], "is not a database URI"),
+        (["--backend-store-uri", "sqlite:///no/such/folder/m.db"], "does not exist"),
+        (["--port", "70000"], "1..65535"),
+        (["--workers", "0"], ">= 1"),
+    ],
+)
+def test_server_refuses_bad_options_with_exit_2(tmp_path: Path, args, message) -> None:
+    done = run_cli(["server", *args], tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_server_refuses_a_port_in_use_with_exit_2(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = run_cli(["server", "--port", str(port)], tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"cannot listen at 127.0.0.1:{port}" in done.stderr
+    assert list(tmp_path.iterdir()) == []

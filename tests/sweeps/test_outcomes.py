@@ -162,7 +162,9 @@ def assert_interrupted(uri: str, interrupted_id: str, epochs: int, context: str 
     assert running_runs(uri) == []
 
 
-def test_sigint_to_the_cli_exits_130_and_kills_every_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signals", [1, 2], ids=["once", "twice"])
+def test_sigint_to_the_cli_exits_130_and_kills_every_run(tmp_path: Path, signals: int) -> None:
+    # Twice: the second signal lands while Tune stops or while the runs are being closed.
     epochs = 40
     data = small_spec_data(tmp_path, **long_sweep(epochs))
     spec_file = tmp_path / "spec.yaml"
@@ -171,11 +173,14 @@ def test_sigint_to_the_cli_exits_130_and_kills_every_run(tmp_path: Path) -> None
 
     with SweepCli(["run", str(spec_file)], tmp_path) as cli:
         interrupted_id = wait_for_running_child(uri, timeout=240, cli=cli)
-        os.kill(cli.pid, signal.SIGINT)  # the driver only, not its process group
+        for _ in range(signals):
+            os.kill(cli.pid, signal.SIGINT)  # the driver only, not its process group
+            time.sleep(0.3)
         returncode = cli.wait(timeout=180)
         output = cli.output()
     assert returncode == 130, output[-4000:]
     assert "interrupted (SIGINT)" in output
+    assert "Continue it: " in output and " -m sweeps resume --run-id " in output
     assert_interrupted(uri, interrupted_id, epochs, output[-4000:])
 
 

@@ -64,6 +64,8 @@ def test_smoke_shrinks_trials_and_epochs(tmp_path: Path) -> None:
         ("search", {"num_trials": 0}, "search.num_trials", "greater than or equal to 1"),
         ("model", {"name": "resnet21"}, "model.name", "6n + 2"),
         ("model", {"name": "vgg16"}, "model.name", "resnet<depth>"),
+        ("model", {"name": "resnet99999998"}, "model.name", "up to 1202"),
+        ("tracking", {"experiment": ""}, "tracking.experiment", "at least 1 character"),
         ("training", {"epochs": -3}, "training.epochs", "-3"),
         ("training", {"lr": "fast"}, "training.lr", "'fast'"),
         ("training", {"lr_milestones": [0.75, 0.5]}, "training", "increasing"),
