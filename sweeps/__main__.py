@@ -312,6 +312,13 @@ def _server_port_problem(host: str, port: int) -> str | None:
     return None
 
 
+def _non_empty(text: str) -> str:
+    """An argparse type: a string that is not empty (an empty one would mean the default)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("'' is not allowed: leave the option out for the default")
+    return text
+
+
 def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
     """An argparse type: an integer in [low, high] (no upper bound when high is None)."""
 
@@ -339,9 +346,15 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="path to a YAML sweep spec, e.g. sweeps/specs/digits.yaml")
     run.add_argument("--smoke-test", action="store_true", help="at most 3 trials of 2 epochs")
     run.add_argument("--trials", type=int, help="override search.num_trials")
-    run.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)")
-    run.add_argument("--tracking-uri", help="MLflow tracking URI (overrides env and spec)")
-    run.add_argument("--storage-path", help="Tune storage path (overrides storage.path)")
+    run.add_argument(
+        "--address", type=_non_empty, help="Ray cluster to join (default: $RAY_ADDRESS or local)"
+    )
+    run.add_argument(
+        "--tracking-uri", type=_non_empty, help="MLflow tracking URI (overrides env and spec)"
+    )
+    run.add_argument(
+        "--storage-path", type=_non_empty, help="Tune storage path (overrides storage.path)"
+    )
     run.add_argument("--top", type=int, default=5, help="rows in the final table")
     run.set_defaults(func=cmd_run)
 
@@ -353,10 +366,20 @@ def parser() -> argparse.ArgumentParser:
         cont.add_argument(
             "spec", nargs="?", help="spec whose experiment holds the sweep (its latest sweep)"
         )
-        cont.add_argument("--experiment", help="experiment name (default: the spec's)")
-        cont.add_argument("--run-id", help="the sweep's parent run id (default: the latest)")
-        cont.add_argument("--tracking-uri", help="MLflow tracking URI (overrides env and spec)")
-        cont.add_argument("--address", help="Ray cluster to join (default: $RAY_ADDRESS or local)")
+        cont.add_argument(
+            "--experiment", type=_non_empty, help="experiment name (default: the spec's)"
+        )
+        cont.add_argument(
+            "--run-id", type=_non_empty, help="the sweep's parent run id (default: the latest)"
+        )
+        cont.add_argument(
+            "--tracking-uri", type=_non_empty, help="MLflow tracking URI (overrides env and spec)"
+        )
+        cont.add_argument(
+            "--address",
+            type=_non_empty,
+            help="Ray cluster to join (default: $RAY_ADDRESS or local)",
+        )
         cont.add_argument("--top", type=int, default=5, help="rows in the final table")
         if name == "resume":
             cont.add_argument(
@@ -372,7 +395,9 @@ def parser() -> argparse.ArgumentParser:
             cont.set_defaults(func=cmd_resume)
         else:
             cont.add_argument("--trials", type=int, required=True, help="trials to add, >= 1")
-            cont.add_argument("--storage-path", help="Tune storage path for the new trials")
+            cont.add_argument(
+                "--storage-path", type=_non_empty, help="Tune storage path for the new trials"
+            )
             cont.set_defaults(func=cmd_extend)
 
     check = sub.add_parser("check", help="validate a spec file without running it")
@@ -382,9 +407,15 @@ def parser() -> argparse.ArgumentParser:
 
     report = sub.add_parser("report", help="tables (and a plot) of a finished sweep")
     report.add_argument("spec", nargs="?", help="spec whose experiment to report")
-    report.add_argument("--experiment", help="experiment name (default: the spec's)")
-    report.add_argument("--run-id", help="sweep parent run id (default: the latest)")
-    report.add_argument("--tracking-uri", help="MLflow tracking URI (overrides env and spec)")
+    report.add_argument(
+        "--experiment", type=_non_empty, help="experiment name (default: the spec's)"
+    )
+    report.add_argument(
+        "--run-id", type=_non_empty, help="sweep parent run id (default: the latest)"
+    )
+    report.add_argument(
+        "--tracking-uri", type=_non_empty, help="MLflow tracking URI (overrides env and spec)"
+    )
     report.add_argument("--top", type=int, default=10, help="rows in the best-trials table, >= 1")
     report.add_argument(
         "--epoch",

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from sweeps.launch import PreflightError, check_ray_address, check_storage
-from tests.conftest import free_port, run_cli, small_spec_data
+from tests.conftest import REPO, free_port, run_cli, small_spec_data
 
 # The Ray address and the storage path, checked without Ray
 
@@ -133,3 +133,11 @@ def test_a_dataset_that_is_not_there_exits_2_with_the_fix_and_no_run(tmp_path: P
     assert "Traceback" not in done.stderr
     # The data is staged before the store is first written: no store, no run.
     assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("option", ["--tracking-uri", "--storage-path", "--address"])
+def test_an_empty_option_is_refused_not_taken_for_the_default(tmp_path: Path, option) -> None:
+    done = run_cli(["run", str(REPO / "sweeps/specs/digits.yaml"), option, ""], tmp_path)
+    assert done.returncode == 2
+    assert f"argument {option}: '' is not allowed" in done.stderr
+    assert list(tmp_path.iterdir()) == []
