@@ -226,6 +226,11 @@ def cmd_report(args: argparse.Namespace) -> int:
             if len(compared) >= 4:
                 print("fANOVA importance for val_acc (Optuna)")
                 print(analysis.importance(compared).to_string())
+            else:
+                print(
+                    f"fANOVA importance skipped: it needs at least 4 trials at epoch {epoch}, "
+                    f"{len(compared)} reached it"
+                )
     if args.plot:
         print(f"plot: {analysis.plot_trials(frame, args.plot)}")
     print(f"Open the UI: {analysis.ui_command(uri)}")
@@ -335,6 +340,16 @@ def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
     return parse
 
 
+def _add_where_options(command: argparse.ArgumentParser) -> None:
+    """--address and --tracking-uri, for the commands that drive a sweep."""
+    command.add_argument(
+        "--address", type=_non_empty, help="Ray cluster to join (default: $RAY_ADDRESS or local)"
+    )
+    command.add_argument(
+        "--tracking-uri", type=_non_empty, help="MLflow tracking URI (overrides env and spec)"
+    )
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m sweeps", description="Regularization sweeps of ResNets on Ray Tune."
@@ -346,12 +361,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("spec", help="path to a YAML sweep spec, e.g. sweeps/specs/digits.yaml")
     run.add_argument("--smoke-test", action="store_true", help="at most 3 trials of 2 epochs")
     run.add_argument("--trials", type=int, help="override search.num_trials")
-    run.add_argument(
-        "--address", type=_non_empty, help="Ray cluster to join (default: $RAY_ADDRESS or local)"
-    )
-    run.add_argument(
-        "--tracking-uri", type=_non_empty, help="MLflow tracking URI (overrides env and spec)"
-    )
+    _add_where_options(run)
     run.add_argument(
         "--storage-path", type=_non_empty, help="Tune storage path (overrides storage.path)"
     )
@@ -372,14 +382,7 @@ def parser() -> argparse.ArgumentParser:
         cont.add_argument(
             "--run-id", type=_non_empty, help="the sweep's parent run id (default: the latest)"
         )
-        cont.add_argument(
-            "--tracking-uri", type=_non_empty, help="MLflow tracking URI (overrides env and spec)"
-        )
-        cont.add_argument(
-            "--address",
-            type=_non_empty,
-            help="Ray cluster to join (default: $RAY_ADDRESS or local)",
-        )
+        _add_where_options(cont)
         cont.add_argument("--top", type=int, default=5, help="rows in the final table")
         if name == "resume":
             cont.add_argument(

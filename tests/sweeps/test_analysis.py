@@ -284,3 +284,22 @@ def test_the_printed_cli_command_runs_with_this_python(tmp_path: Path) -> None:
     assert Path(words[0]).is_absolute() or (tmp_path / words[0]).exists()
     done = subprocess.run([*words, "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert done.returncode == 0 and "resume" in done.stdout
+
+
+def test_report_says_why_it_skips_fanova_for_fewer_than_4_trials(store, tmp_path: Path) -> None:
+    uri, parent_id, _ = store
+    client = MlflowClient(uri)
+    children = client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        filter_string=f"tags.`{PARENT_TAG}` = '{parent_id}'",
+    )
+    reached_4 = [c for c in children if c.data.tags[OUTCOME_TAG] == "completed"]
+    for child in reached_4[:2]:
+        client.delete_run(child.info.run_id)
+    done = run_cli(["report", "--tracking-uri", uri, "--epoch", "4"], tmp_path)
+
+    assert done.returncode == 0, done.stderr
+    assert "At epoch 4, over the 2 trials that reached it" in done.stdout
+    assert "fANOVA importance skipped: it needs at least 4 trials at epoch 4, 2 reached it" in (
+        done.stdout
+    )
