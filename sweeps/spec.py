@@ -120,8 +120,10 @@ Seed = Annotated[int, AfterValidator(_seed)]
 
 
 class _Strict(BaseModel):
-    # allow_inf_nan=False: every float field refuses NaN and +-inf ("a finite number").
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # strict=True: no coercion, so a quoted "0.1" or a `yes` is refused where a number or a
+    # bool is wanted (an int is still a valid float). allow_inf_nan=False: every float field
+    # refuses NaN and +-inf ("a finite number").
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -495,6 +497,10 @@ class _SpecLoader(yaml.SafeLoader):
     The safe loader alone keeps the last of two equal keys, silently. Keys that a merge
     (`<<: *anchor`) brings in may still be overridden, as YAML intends.
 
+    It also reads YAML 1.2's floats without a dot (`1e-5`, `3E+2`) as numbers, as a user
+    writing a weight decay expects; PyYAML follows YAML 1.1, where they are strings, and the
+    spec's strict types would refuse them.
+
     Aliases need no limit here: PyYAML builds an alias as a reference to the object already
     built, so an alias bomb loads in microseconds; only printing it whole would be costly, and
     error messages show a value cut short (`_shown`).
@@ -517,6 +523,13 @@ class _SpecLoader(yaml.SafeLoader):
                 )
             first_line[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+_SpecLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def _load_yaml(text: str, name: str) -> Any:

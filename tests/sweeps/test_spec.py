@@ -359,7 +359,7 @@ def test_bool_fields_still_take_true_and_false(tmp_path: Path) -> None:
     assert not spec.search.space.weight_decay.log and spec.storage.shared
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "nan", "inf"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize(
     ("section", "field"),
     [
@@ -375,6 +375,38 @@ def test_nan_and_inf_are_refused_as_not_finite(
 ) -> None:
     message = refusal(small_spec_data(tmp_path, **{section: {field: bad}}))
     assert f"{section}.{field}: Input should be a finite number" in message
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "kind"),
+    [
+        ('training:\n  lr: "0.1"', "training.lr", "number (got '0.1')"),
+        ("training:\n  epochs: '3'", "training.epochs", "integer (got '3')"),
+        ("training:\n  epochs: 3.0", "training.epochs", "integer (got 3.0)"),
+        ("training:\n  lr: nan", "training.lr", "number (got 'nan')"),
+        ("training:\n  nesterov: 'yes'", "training.nesterov", "boolean (got 'yes')"),
+        ("training:\n  bf16: 1", "training.bf16", "boolean (got 1)"),
+        ("dataset:\n  augment: {flip: 'true'}", "dataset.augment.flip", "boolean (got 'true')"),
+        ("model:\n  name: 20", "model.name", "string (got 20)"),
+    ],
+)
+def test_quoted_or_wrong_typed_values_are_refused_not_converted(
+    tmp_path: Path, text: str, field: str, kind: str
+) -> None:
+    path = write(tmp_path, f"name: strict\n{text}\n")
+    with pytest.raises(SpecError) as refused:
+        load_spec(path)
+    assert f"{field}: Input should be a valid {kind}" in str(refused.value)
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    # YAML 1.1 (PyYAML) reads 1e-5 as a string; a spec reads it as YAML 1.2 does.
+    space = "space:\n    weight_decay: {low: 1e-5, high: 3E-3, log: true}"
+    path = write(tmp_path, f"name: exp\ntraining:\n  lr: 5e-2\nsearch:\n  {space}\n")
+    spec = load_spec(path)
+    assert spec.training.lr == 0.05
+    assert spec.search.space.weight_decay.low == 1e-5
+    assert spec.search.space.weight_decay.high == 3e-3
 
 
 @pytest.mark.parametrize(
