@@ -470,12 +470,23 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # One line per failed MLflow request is enough; urllib3 adds one per retry.
         logging.getLogger("urllib3").setLevel(logging.ERROR)
+        # Start-up lines of the libraries, not of this sweep: MLflow creating its tables in a
+        # new store, Ray saying token authentication is on (regsweep sets it up).
+        logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+            logging.ERROR
+        )
     drives_sweep = args.command in ("run", "resume", "extend")
     if drives_sweep:
         # First, so that no signal is lost while Ray and MLflow load (sweeps.interrupts).
         from sweeps import interrupts
 
         interrupts.install()
+        if not args.verbose:
+            import optuna
+
+            # Optuna logs "A new study created in memory" at INFO to its own handler.
+            optuna.logging.set_verbosity(optuna.logging.WARNING)
         if not (args.address or os.environ.get("RAY_ADDRESS")):
             # The local Ray started for this sweep alone listens on loopback only. Ray reads
             # this switch when it is imported (on Linux it otherwise binds the machine's

@@ -48,6 +48,29 @@ log = logging.getLogger(__name__)
 # Checkpointing every epoch of short digits trials trips a Tune warning meant for slow remote
 # storage; it says nothing useful here.
 os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+# Tune's newer console output prints a configuration box and a TensorBoard hint even at
+# verbose=0; its older reporter prints nothing at verbose=0. regsweep prints its own progress.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+class _DropTuneHints(logging.Filter):
+    """Drops Tune's log lines that say the wrong thing to a regsweep user.
+
+    "Resume experiment with: Tuner.restore(...)" after an interrupt: a sweep is resumed with
+    regsweep's own command, which the driver prints; restoring the Tuner alone would leave the
+    MLflow runs behind. "Failed to fetch metrics" for a trial interrupted before its first
+    epoch: results are read back from MLflow, where that trial is recorded as interrupted.
+    """
+
+    HINTS = ("Resume experiment with:", "Failed to fetch metrics for")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(hint in message for hint in self.HINTS)
+
+
+for _name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
+    logging.getLogger(_name).addFilter(_DropTuneHints())
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 METRIC, MODE = "val_acc", "max"

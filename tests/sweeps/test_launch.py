@@ -6,6 +6,7 @@ does, on a local Ray it starts itself, and look at what it left in its working d
 
 from __future__ import annotations
 
+import logging
 import socket
 import time
 from pathlib import Path
@@ -141,3 +142,24 @@ def test_an_empty_option_is_refused_not_taken_for_the_default(tmp_path: Path, op
     assert done.returncode == 2
     assert f"argument {option}: '' is not allowed" in done.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# Tune's hints that would mislead a regsweep user
+
+
+@pytest.mark.parametrize(
+    ("logger", "message", "shown"),
+    [
+        ("ray.tune.tune", 'saved.\nResume experiment with: Tuner.restore(path="x")', False),
+        ("ray.tune.analysis.experiment_analysis", "Failed to fetch metrics for 1 trial(s)", False),
+        ("ray.tune.tune", "Stop signal received, ending Ray Tune run.", True),
+    ],
+)
+def test_tunes_misleading_hints_are_dropped_and_its_other_warnings_kept(
+    caplog: pytest.LogCaptureFixture, logger: str, message: str, shown: bool
+) -> None:
+    import sweeps.launch  # noqa: F401  (installs the filters)
+
+    with caplog.at_level(logging.WARNING, logger=logger):
+        logging.getLogger(logger).warning(message)
+    assert (message in caplog.text) is shown

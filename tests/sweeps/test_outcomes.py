@@ -181,6 +181,7 @@ def test_sigint_to_the_cli_exits_130_and_kills_every_run(tmp_path: Path, signals
     assert returncode == 130, output[-4000:]
     assert "interrupted (SIGINT)" in output
     assert "Continue it: " in output and " -m sweeps resume --run-id " in output
+    assert "Tuner.restore" not in output  # Tune's own hint would leave the MLflow runs behind
     assert_interrupted(uri, interrupted_id, epochs, output[-4000:])
 
 

@@ -52,6 +52,24 @@ def test_cli_finishes_and_prints_the_table_and_ui_command(smoke_run: dict) -> No
     assert "models:/digits-resnet20@best" in out
 
 
+@pytest.mark.parametrize(
+    "noise",
+    [
+        "Configuration for experiment",  # Tune's box
+        "tensorboard --logdir",  # Tune's hint
+        "A new study created",  # Optuna
+        "Creating initial MLflow database tables",  # MLflow, on a new store
+        "Token authentication is enabled",  # Ray
+    ],
+)
+def test_the_output_is_regsweeps_not_the_libraries_start_up_lines(
+    smoke_run: dict, noise: str
+) -> None:
+    done = smoke_run["done"]
+    assert done.returncode == 0
+    assert noise not in done.stdout + done.stderr
+
+
 def test_store_has_one_parent_and_one_terminal_child_per_trial(smoke_run: dict) -> None:
     spec = load_spec(REPO / "sweeps/specs/digits.yaml").smoke()
     client = MlflowClient(smoke_run["uri"])
