@@ -120,7 +120,7 @@ Seed = Annotated[int, AfterValidator(_seed)]
 
 
 class _Strict(BaseModel):
-    # strict=True: no coercion, so a quoted "0.1" or a `yes` is refused where a number or a
+    # strict=True: no coercion, so a quoted "0.1" or "true" is refused where a number or a
     # bool is wanted (an int is still a valid float). allow_inf_nan=False: every float field
     # refuses NaN and +-inf ("a finite number").
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
