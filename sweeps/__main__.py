@@ -163,6 +163,12 @@ def _finish(result, experiment: str | None, top: int, say) -> int:
         )
         if result.outcomes["error"]:
             print(f"Once the cause is fixed, retry its trials: {resume} --retry-errored")
+        if result.outcomes["diverged"]:
+            print(
+                "Or add trials, proposed by a TPE that learned from these: "
+                f"{analysis.sweeps_command()} extend --run-id {result.parent_run_id} "
+                f"--tracking-uri {result.tracking_uri} --trials N"
+            )
         return EXIT_FAILED
     return EXIT_OK
 
@@ -181,8 +187,6 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.epoch is not None and args.epoch < 1:
         return refuse(f"--epoch {args.epoch}: give an epoch >= 1 (epochs count from 1)")
-    if args.top < 1:
-        return refuse(f"--top {args.top}: give a number of rows >= 1")
     if args.plot:
         plot = Path(args.plot).expanduser()
         if plot.is_dir():
@@ -340,6 +344,9 @@ def _int_in(low: int, high: int | None, what: str) -> Callable[[str], int]:
     return parse
 
 
+_ROWS = _int_in(1, None, "rows of the table")
+
+
 def _add_where_options(command: argparse.ArgumentParser) -> None:
     """--address and --tracking-uri, for the commands that drive a sweep."""
     command.add_argument(
@@ -365,7 +372,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--storage-path", type=_non_empty, help="Tune storage path (overrides storage.path)"
     )
-    run.add_argument("--top", type=int, default=5, help="rows in the final table")
+    run.add_argument("--top", type=_ROWS, default=5, help="rows in the final table, >= 1")
     run.set_defaults(func=cmd_run)
 
     for name, helptext in (
@@ -383,7 +390,7 @@ def parser() -> argparse.ArgumentParser:
             "--run-id", type=_non_empty, help="the sweep's parent run id (default: the latest)"
         )
         _add_where_options(cont)
-        cont.add_argument("--top", type=int, default=5, help="rows in the final table")
+        cont.add_argument("--top", type=_ROWS, default=5, help="rows in the final table, >= 1")
         if name == "resume":
             cont.add_argument(
                 "--retry-errored",
@@ -419,7 +426,9 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--tracking-uri", type=_non_empty, help="MLflow tracking URI (overrides env and spec)"
     )
-    report.add_argument("--top", type=int, default=10, help="rows in the best-trials table, >= 1")
+    report.add_argument(
+        "--top", type=_ROWS, default=10, help="rows in the best-trials table, >= 1"
+    )
     report.add_argument(
         "--epoch",
         type=int,

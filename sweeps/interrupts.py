@@ -8,7 +8,9 @@ collector callback) or tear Ray's start-up apart half way. The sweep code asks
 staged, before Tune starts), and while Tune runs its own handler asks Tune to stop
 (`sweeps.launch`). A second signal raises KeyboardInterrupt wherever it lands, so that the
 code setting up the sweep is unwound; while `sweeps.launch` closes the runs, signals are
-ignored; once they are closed (`record_closed`) a second signal exits with 130 at once.
+only noted; once they are closed (`record_closed`) a second signal exits with 130 at once.
+A first signal after every trial has ended (`trials_ended`) stops nothing: the driver says
+so and finishes the sweep's record (its best model, test accuracy and summary).
 
 The first signal also starts a watchdog. A clean stop takes seconds; one that does not end
 within `STOP_GRACE_S` is stuck, typically because the signal went to the whole process group
@@ -39,6 +41,7 @@ _received: str | None = None
 _closer: Callable[[], None] | None = None
 _record_closed = False
 _farewell = ""
+_first_note = "stopping cleanly"
 _done = threading.Event()
 
 
@@ -73,9 +76,15 @@ def record(name: str) -> None:
     if _received is not None:
         return
     _received = name
-    _write(f"received {name}: stopping cleanly; send it again to stop at once\n")
+    _write(f"received {name}: {_first_note}; send it again to stop at once\n")
     if _installed:
         threading.Thread(target=_watch, name="regsweep-stop-watchdog", daemon=True).start()
+
+
+def trials_ended() -> None:
+    """Every trial has ended: a first signal from now on is answered with what happens."""
+    global _first_note
+    _first_note = "every trial has ended, finishing the sweep's record (a few seconds)"
 
 
 def received() -> str | None:

@@ -72,6 +72,8 @@ class _DropTuneHints(logging.Filter):
 for _name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
     logging.getLogger(_name).addFilter(_DropTuneHints())
 
+# A trial with one of these outcomes has nothing left to run; an interrupted one resumes.
+ENDED_OUTCOMES = ("completed", "stopped_early", "diverged", "error")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 METRIC, MODE = "val_acc", "max"
 
@@ -486,6 +488,18 @@ def resume_sweep(
         )
     if status == "RUNNING" and not force:
         _refuse_live_driver(parent)
+    adopted = tracking.trial_runs(client, parent.info.experiment_id, parent_id, SWEPT)
+    outcomes = [trial.outcome for trial in adopted.values()]
+    trained = any(outcome in ("completed", "stopped_early") for outcome in outcomes)
+    retried = retry_errored and "error" in outcomes
+    if _every_trial_ended(parent, adopted) and not trained and not retried:
+        raise PreflightError(
+            f"sweep run {parent_id} has no trial left to run: all {len(adopted)} ended "
+            f"({_outcome_counts(outcomes)}) and none trained, so resuming would change nothing. "
+            f"Add trials to it (TPE learns from these): {analysis.sweeps_command()} extend "
+            f"--run-id {parent_id} --trials N"
+            + (", or retry the errored ones with --retry-errored" if "error" in outcomes else "")
+        )
     spec = _stored_spec(client, parent_id)
     tune_path = parent.data.tags.get(tracking.TUNE_PATH_TAG, "")
     if not tune_path or not tune.Tuner.can_restore(tune_path):
@@ -506,7 +520,7 @@ def resume_sweep(
             parent_id,
             tune_path=tune_path,
             say=say,
-            adopted=tracking.trial_runs(client, parent.info.experiment_id, parent_id, SWEPT),
+            adopted=adopted,
             seconds_before=parent.data.metrics.get("sweep_seconds", 0.0),
         )
         sweep.num_trials = int(
@@ -549,7 +563,17 @@ def extend_sweep(
     say = progress or _silent
     client, parent = _open_sweep_run(tracking_uri, run_id, experiment)
     parent_id, status = parent.info.run_id, parent.info.status
-    if status != "FINISHED":
+    experiment_id = parent.info.experiment_id
+    adopted = tracking.trial_runs(client, experiment_id, parent_id, SWEPT)
+    # FAILED with every trial ended: no trial trained (they all diverged or raised), and
+    # more trials, proposed by a TPE that learned from these, are the way on.
+    if status == "RUNNING":
+        raise PreflightError(
+            f"sweep run {parent_id} is RUNNING: wait for its driver to finish, then extend "
+            f"it; if that driver is gone, resume the sweep first ({analysis.sweeps_command()} "
+            f"resume --run-id {parent_id})"
+        )
+    if status != "FINISHED" and not (status == "FAILED" and _every_trial_ended(parent, adopted)):
         raise PreflightError(
             f"sweep run {parent_id} is {status}, not finished: resume it first "
             f"({analysis.sweeps_command()} resume --run-id {parent_id}), then extend it"
@@ -561,8 +585,6 @@ def extend_sweep(
     storage = resolve_storage(spec, storage_path)
     check_storage(storage)
 
-    experiment_id = parent.info.experiment_id
-    adopted = tracking.trial_runs(client, experiment_id, parent_id, SWEPT)
     evaluated = _evaluated_trials(spec, adopted)
     extension = int(parent.data.tags.get(tracking.EXTENSIONS_TAG, "0")) + 1
     say(
@@ -678,6 +700,20 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _every_trial_ended(
+    parent: mlflow.entities.Run, adopted: dict[str, tracking.AdoptedTrial]
+) -> bool:
+    """Whether every trial the sweep planned has a run that ended for good (not interrupted,
+    not left RUNNING), so that neither Tune nor `resume` has anything left to run."""
+    planned = int(parent.data.tags.get(tracking.NUM_TRIALS_TAG, "0"))
+    ended = sum(trial.outcome in ENDED_OUTCOMES for trial in adopted.values())
+    return planned > 0 and ended == len(adopted) >= planned
+
+
+def _outcome_counts(outcomes: list[str]) -> str:
+    return ", ".join(f"{outcomes.count(o)} {o}" for o in sorted(set(outcomes)))
 
 
 def _evaluated_trials(
@@ -860,10 +896,12 @@ def _drive(
         else:
             status = "FAILED"  # the tracking store stopped answering; reported below
     finally:
-        # Closing the record is not interrupted: further signals are ignored until every run
-        # is closed (the watchdog of sweeps.interrupts still ends a close that hangs).
+        # Closing the record is not interrupted: until every run is closed a signal is only
+        # noted (the watchdog of sweeps.interrupts still ends a close that hangs).
+        if status == "FINISHED":
+            interrupts.trials_ended()
         for s in previous:
-            signal.signal(s, signal.SIG_IGN)
+            signal.signal(s, _note_signal)
         try:
             _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
             lineage.release()
@@ -919,6 +957,10 @@ def _drive(
         tracking.close_stale_runs(client, sweep.experiment_id, parent_id)
         interrupts.record_closed()
     return result
+
+
+def _note_signal(signum: int, frame: Any) -> None:
+    interrupts.record(signal.Signals(signum).name)
 
 
 def resume_command(tracking_uri: str, parent_run_id: str) -> str:

@@ -21,10 +21,18 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from sweeps import tracking
-from sweeps.launch import PreflightError, _evaluated_trials, _searcher, extend_sweep, resume_sweep
+from sweeps.launch import (
+    PreflightError,
+    _evaluated_trials,
+    _searcher,
+    extend_sweep,
+    resume_sweep,
+    run_sweep,
+)
 from sweeps.spec import SWEPT, SpecError
 from sweeps.tracking import OUTCOME_TAG, PARENT_TAG, ROLE_TAG
 from tests.conftest import run_cli, small_spec_data
+from tests.sweeps import failing_trainables
 from tests.sweeps.cli_process import SweepCli
 from tests.sweeps.test_outcomes import running_runs, sweep_runs, wait_for_running_child
 
@@ -111,6 +119,15 @@ def test_extend_refuses_an_unfinished_sweep_and_a_bad_trial_count(store, tmp_pat
     killed = make_sweep_run(client, experiment_id, "KILLED", tmp_path)
     with pytest.raises(PreflightError, match="is KILLED, not finished: resume it first"):
         extend_sweep(uri, 2, run_id=killed)
+    # FAILED with trials unfinished (no trial runs here, 3 planned): resume it first too.
+    failed = make_sweep_run(
+        client, experiment_id, "FAILED", tmp_path, **{tracking.NUM_TRIALS_TAG: "3"}
+    )
+    with pytest.raises(PreflightError, match="is FAILED, not finished: resume it first"):
+        extend_sweep(uri, 2, run_id=failed)
+    running = make_sweep_run(client, experiment_id, "RUNNING", tmp_path)
+    with pytest.raises(PreflightError, match="is RUNNING: wait for its driver to finish"):
+        extend_sweep(uri, 2, run_id=running)
     finished = make_sweep_run(client, experiment_id, "FINISHED", tmp_path)
     with pytest.raises(SpecError, match=r"search\.num_trials"):
         extend_sweep(uri, 0, run_id=finished)
@@ -278,6 +295,34 @@ def test_an_interrupted_sweep_resumes_then_extends_in_the_same_runs(tmp_path: Pa
     proposals = {tuple(c.data.params[name] for name in SWEPT) for c in children}
     assert len(proposals) == len(children)
     assert "regsweep.extensions.1.seed" in parent.data.tags
+
+
+@pytest.mark.integration
+def test_a_sweep_in_which_no_trial_trained_is_extended_not_resumed(make_spec, ray_local) -> None:
+    # Every trial raises: the sweep is FAILED with nothing left to run.
+    spec = make_spec(search={"num_trials": 2, "n_startup_trials": 2}, scheduler={"name": "fifo"})
+    failed = run_sweep(spec, trainable=failing_trainables.raising_trial)
+    assert failed.status == "FAILED" and failed.outcomes["error"] == 2
+    uri, parent_id = failed.tracking_uri, failed.parent_run_id
+
+    # resume could only rerun nothing; it says so and points to extend and --retry-errored.
+    with pytest.raises(PreflightError) as refused:
+        resume_sweep(uri, run_id=parent_id)
+    message = str(refused.value)
+    assert "no trial left to run: all 2 ended (2 error) and none trained" in message
+    assert f"extend --run-id {parent_id} --trials N" in message
+    assert "--retry-errored" in message
+
+    # extend adds trials to it; one that trains makes the sweep FINISHED.
+    extended = extend_sweep(uri, 1, run_id=parent_id)
+    assert extended.status == "FINISHED", extended
+    assert extended.outcomes["completed"] + extended.outcomes["stopped_early"] == 1
+    parent, children = sweep_runs(uri, parent_id)
+    assert parent.info.status == "FINISHED" and len(children) == 3
+    assert parent.data.tags["best_run_id"] not in {
+        c.info.run_id for c in children if c.data.tags[OUTCOME_TAG] == "error"
+    }
+    assert running_runs(uri) == []
 
 
 @pytest.mark.integration
