@@ -479,6 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         # One line per failed MLflow request is enough; urllib3 adds one per retry.
         logging.getLogger("urllib3").setLevel(logging.ERROR)
+        # A progress bar per artifact read back (the stored spec of a resumed sweep).
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
         # Start-up lines of the libraries, not of this sweep: MLflow creating its tables in a
         # new store, Ray saying token authentication is on (regsweep sets it up).
         logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)

@@ -206,6 +206,8 @@ def plot_trials(frame: pd.DataFrame, path: str | Path) -> Path:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
+    if not path.suffix:  # as matplotlib would name it, so that the path returned is the file
+        path = path.with_suffix(".png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -10,6 +10,7 @@ parsing a dumped spec again gives the same spec.
 
 from __future__ import annotations
 
+import itertools
 import re
 import reprlib
 import types
@@ -289,8 +290,12 @@ class TrainingSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainingSpec:
-        if sorted(self.lr_milestones) != list(self.lr_milestones):
-            raise ValueError(f"lr_milestones={_shown(self.lr_milestones)} must be increasing")
+        steps = itertools.pairwise(self.lr_milestones)
+        if any(before >= after for before, after in steps):
+            raise ValueError(
+                f"lr_milestones={_shown(self.lr_milestones)} must be strictly increasing: "
+                "each milestone after the one before"
+            )
         if self.optimizer == "adamw" and self.weight_decay_mode != "decoupled":
             raise ValueError("optimizer 'adamw' needs weight_decay_mode 'decoupled'")
         if self.warmup_epochs >= self.epochs:
@@ -350,10 +355,21 @@ class ResourcesSpec(_Strict):
 
 
 class TrackingSpec(_Strict):
+    # None: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db (sweeps.launch.resolve_tracking_uri).
     uri: str | None = None
     # None: the sweep's name, filled in by SweepSpec's validation.
     experiment: Annotated[str, Field(min_length=1)] | None = None
     register_model: bool = True
+
+    @field_validator("uri")
+    @classmethod
+    def _uri(cls, uri: str | None) -> str | None:
+        if uri is not None and not uri.strip():
+            raise ValueError(
+                "an empty URI is not the default: leave tracking.uri out (or null) for "
+                "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db"
+            )
+        return uri
 
 
 class StorageSpec(_Strict):
@@ -475,6 +491,8 @@ def _format(error: ValidationError) -> str:
         message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown field; check the spelling against the README's spec reference"
+        elif item["type"] == "model_type":  # names the pydantic class otherwise
+            message = "expected a mapping of fields (key: value lines, indented below it)"
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {_shown(value)})"
         lines.append(f"  {field}: {message}{shown}")
@@ -483,8 +501,14 @@ def _format(error: ValidationError) -> str:
 
 def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
     """Validate a mapping as a sweep spec, raising SpecError with every problem listed."""
+    if data is None:
+        raise SpecError(f"{source} is empty: a spec is a YAML mapping of fields, `name:` at least")
     if not isinstance(data, dict):
-        raise SpecError(f"{source}: a spec is a YAML mapping of fields, got {type(data).__name__}")
+        got = {list: "a list", str: "a single text", int: "a number", float: "a number"}
+        raise SpecError(
+            f"{source}: a spec is a YAML mapping of fields, got "
+            f"{got.get(type(data), type(data).__name__)}"
+        )
     try:
         return SweepSpec.model_validate(data)
     except ValidationError as error:
@@ -497,9 +521,10 @@ class _SpecLoader(yaml.SafeLoader):
     The safe loader alone keeps the last of two equal keys, silently. Keys that a merge
     (`<<: *anchor`) brings in may still be overridden, as YAML intends.
 
-    It also reads YAML 1.2's floats without a dot (`1e-5`, `3E+2`) as numbers, as a user
-    writing a weight decay expects; PyYAML follows YAML 1.1, where they are strings, and the
-    spec's strict types would refuse them.
+    Plain scalars are typed as YAML 1.2's core schema types them, not as PyYAML's YAML 1.1:
+    `1e-5` is a number (a string in 1.1), and only true/false are booleans and only decimal
+    digits integers (1.1 reads `yes`, `on` and `off` as booleans, `010` as 8, `0x10` as 16 and
+    `1_000` as 1000). Those stay text, which the spec's strict types refuse, naming the value.
 
     Aliases need no limit here: PyYAML builds an alias as a reference to the object already
     built, so an alias bomb loads in microseconds; only printing it whole would be costly, and
@@ -525,11 +550,30 @@ class _SpecLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-_SpecLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
+def _core_schema_resolvers() -> dict[str | None, list[tuple[str, re.Pattern[str]]]]:
+    """PyYAML's implicit resolvers with bool, int and float as in YAML 1.2's core schema."""
+    retyped = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+    resolvers = {
+        first: [(tag, regexp) for tag, regexp in entries if tag not in retyped]
+        for first, entries in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    # A float has a dot or an exponent; `010` is neither int nor float (1.2 would say 10, 1.1
+    # says 8), so it stays text and is refused.
+    core = [
+        ("bool", r"true|True|TRUE|false|False|FALSE", "tTfF"),
+        ("int", r"[-+]?(?:0|[1-9][0-9]*)", "-+0123456789"),
+        ("float", r"[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?", "-+.0123456789"),
+        ("float", r"[-+]?[0-9]+[eE][-+]?[0-9]+", "-+0123456789"),
+        ("float", r"[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN)", "-+."),
+    ]
+    for kind, pattern, firsts in core:
+        for first in firsts:
+            entry = (f"tag:yaml.org,2002:{kind}", re.compile(f"^(?:{pattern})$"))
+            resolvers.setdefault(first, []).append(entry)
+    return resolvers
+
+
+_SpecLoader.yaml_implicit_resolvers = _core_schema_resolvers()
 
 
 def _load_yaml(text: str, name: str) -> Any:

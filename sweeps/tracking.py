@@ -560,7 +560,7 @@ class TrialLineage(Callback):
         self._say(
             trial,
             f"epoch {step}/{self.epochs} val_acc={result.get('val_acc', math.nan):.4f} "
-            f"train_loss={result.get('train_loss', math.nan):.4f} "
+            f"train_loss={result.get('train_loss', math.nan):.4g} "
             f"executed={result.get('executed_fraction', math.nan):.2f}",
         )
 

@@ -102,9 +102,11 @@ def test_effects_at_a_common_epoch_find_the_planted_signs(store) -> None:
     assert importance.idxmax() == "survival_prob"
 
 
-def test_plot_writes_a_png(store, tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", ["trials.png", "trials"])
+def test_plot_writes_a_png_and_returns_its_path(store, tmp_path: Path, name: str) -> None:
     _, parent_id, _ = store
-    path = analysis.plot_trials(analysis.trials_frame(parent_id), tmp_path / "trials.png")
+    path = analysis.plot_trials(analysis.trials_frame(parent_id), tmp_path / name)
+    assert path == tmp_path / "trials.png"
     assert path.read_bytes()[:4] == b"\x89PNG"
 
 

@@ -109,12 +109,24 @@ def test_every_problem_is_listed_at_once(tmp_path: Path) -> None:
     assert "training.epochs" in message and "resources.cpus_per_trial" in message
 
 
-@pytest.mark.parametrize("text", ["[1, 2]", "name: [unclosed", ""])
-def test_not_a_mapping_or_not_yaml(tmp_path: Path, text: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[1, 2]", "a spec is a YAML mapping of fields, got a list"),
+        ("name: [unclosed", "is not valid YAML"),
+        ("", "is empty: a spec is a YAML mapping of fields"),
+        ("# only a comment\n", "is empty"),
+        ("name: x\ntraining: null\n", "training: expected a mapping of fields"),
+        ("name: x\nsearch: {space: {dropout: 0.1}}\n", "dropout: expected a mapping of fields"),
+    ],
+)
+def test_not_a_mapping_or_not_yaml(tmp_path: Path, text: str, says: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
-    with pytest.raises(SpecError, match=r"bad\.yaml"):
+    with pytest.raises(SpecError, match=r"bad\.yaml") as refused:
         load_spec(path)
+    assert says in str(refused.value)
+    assert "Spec" not in str(refused.value).replace("SpecError", "")  # no pydantic class names
 
 
 def test_missing_file_is_a_spec_error(tmp_path: Path) -> None:
@@ -388,6 +400,12 @@ def test_nan_and_inf_are_refused_as_not_finite(
         ("training:\n  bf16: 1", "training.bf16", "boolean (got 1)"),
         ("dataset:\n  augment: {flip: 'true'}", "dataset.augment.flip", "boolean (got 'true')"),
         ("model:\n  name: 20", "model.name", "string (got 20)"),
+        # YAML 1.1 would read these as true, 16, 8 and 1000; the spec reads them as YAML 1.2.
+        ("training:\n  nesterov: yes", "training.nesterov", "boolean (got 'yes')"),
+        ("dataset:\n  augment: {flip: On}", "dataset.augment.flip", "boolean (got 'On')"),
+        ("training:\n  epochs: 0x10", "training.epochs", "integer (got '0x10')"),
+        ("training:\n  epochs: 010", "training.epochs", "integer (got '010')"),
+        ("training:\n  lr: 1_000", "training.lr", "number (got '1_000')"),
     ],
 )
 def test_quoted_or_wrong_typed_values_are_refused_not_converted(
@@ -551,3 +569,16 @@ def test_gpus_per_trial_is_a_fraction_of_one_or_whole_gpus(gpus: float, accepted
     else:
         with pytest.raises(SpecError, match=r"resources\.gpus_per_trial: 1\.5 GPUs"):
             parse_spec(data)
+
+
+def test_equal_lr_milestones_are_refused(tmp_path: Path) -> None:
+    message = refusal(small_spec_data(tmp_path, training={"lr_milestones": [0.5, 0.5]}))
+    assert "training: lr_milestones=[0.5, 0.5] must be strictly increasing" in message
+
+
+@pytest.mark.parametrize("uri", ["", "  "])
+def test_an_empty_tracking_uri_is_refused_not_taken_for_the_default(
+    tmp_path: Path, uri: str
+) -> None:
+    message = refusal(small_spec_data(tmp_path, tracking={"uri": uri}))
+    assert "tracking.uri: an empty URI is not the default" in message
