@@ -139,7 +139,10 @@ def _finish(result, experiment: str | None, top: int, say) -> int:
     frame = analysis.trials_frame(result.parent_run_id, [result.experiment_id])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\nBest trials (final epoch, read back from MLflow):")
-        table = analysis.best_trials(frame, top=top)
+        best_run_id = (
+            mlflow.MlflowClient().get_run(result.parent_run_id).data.tags.get("best_run_id")
+        )
+        table = analysis.best_trials(frame, top=top, best_run_id=best_run_id)
         print(table.to_string(index=False, float_format="{:.4g}".format))
     if result.best:
         b = result.best
@@ -219,7 +222,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     compared = analysis.at_epoch(frame, epoch)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print(f"sweep run {run_id}: {len(frame)} trials")
-        print(analysis.best_trials(frame, top=args.top).to_string(index=False))
+        best_run_id = run.data.tags.get("best_run_id")
+        table = analysis.best_trials(frame, top=args.top, best_run_id=best_run_id)
+        print(table.to_string(index=False))
         print(f"\nComparing trials at epoch {epoch}: {why}")
         if compared.empty:
             print(f"no trial reached epoch {epoch} ({analysis.epochs_reached(frame)})")

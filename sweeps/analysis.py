@@ -80,9 +80,16 @@ def trials_frame(parent_run_id: str, experiment_ids: list[str] | None = None) ->
     return frame
 
 
-def best_trials(frame: pd.DataFrame, top: int = 5) -> pd.DataFrame:
-    """The `top` trials by final validation accuracy, best first."""
-    ranked = frame.sort_values("val_acc", ascending=False, na_position="last")
+def best_trials(frame: pd.DataFrame, top: int = 5, best_run_id: str | None = None) -> pd.DataFrame:
+    """The `top` trials by final validation accuracy, best first.
+
+    Among trials tied at the top, `best_run_id` (the parent run's `best_run_id` tag: the trial
+    whose model the sweep logged) comes first, so the table and the best model agree.
+    """
+    chosen = frame["run_id"] == best_run_id if "run_id" in frame else False
+    ranked = frame.assign(_chosen=chosen).sort_values(
+        ["val_acc", "_chosen"], ascending=False, na_position="last", kind="stable"
+    )
     return ranked.head(top)[[c for c in TABLE_COLUMNS if c in ranked.columns]].reset_index(
         drop=True
     )

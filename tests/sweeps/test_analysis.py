@@ -11,6 +11,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.entities import Metric, Param
 from mlflow.tracking import MlflowClient
@@ -80,6 +81,23 @@ def test_best_trials_are_sorted_by_val_acc(store) -> None:
     _, parent_id, trials = store
     best = analysis.best_trials(analysis.trials_frame(parent_id), top=3)
     assert list(best["val_acc"]) == sorted((t["val_acc"] for t in trials), reverse=True)[:3]
+
+
+@pytest.mark.parametrize("chosen", ["r1", "r2", "r3"])
+def test_the_trial_whose_model_was_logged_leads_its_ties(chosen: str) -> None:
+    frame = pd.DataFrame(
+        {
+            "run_id": ["r1", "r2", "r3", "r4"],
+            "trial_id": ["t1", "t2", "t3", "t4"],
+            "val_acc": [0.9, 0.95, 0.95, math.nan],
+        }
+    )
+    order = list(analysis.best_trials(frame, top=4, best_run_id=chosen)["trial_id"])
+    if chosen == "r1":  # not among the top ties: the order is by val_acc alone, stably
+        assert order == ["t2", "t3", "t1", "t4"]
+    else:
+        assert order[0] == "t" + chosen[1] and set(order[:2]) == {"t2", "t3"}
+        assert order[2:] == ["t1", "t4"]
 
 
 def test_latest_sweep_run_id_finds_the_parent(store) -> None:
