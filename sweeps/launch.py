@@ -147,8 +147,9 @@ def check_storage(path: str) -> None:
             problem = f"{str(existing)!r} is not writable ({error.strerror})"
     if problem is not None:
         raise PreflightError(
-            f"storage.path {path!r} cannot hold Tune's results: {problem}; choose a folder "
-            "you can write, or pass --storage-path"
+            f"the storage path {path!r} cannot hold Tune's results: {problem}; choose a "
+            f"folder you can write (the path is --storage-path, else ${STORAGE_ENV}, else the "
+            "spec's storage.path)"
         )
 
 

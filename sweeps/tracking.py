@@ -233,9 +233,10 @@ def _refuse_file_store(uri: str) -> None:
         "://" not in uri and uri not in ("databricks", "databricks-uc")
     ):
         raise TrackingError(
-            f"tracking store {uri!r} is a folder (MLflow's file store), which MLflow 3 no "
-            "longer writes: use a SQLite file, e.g. sqlite:///mlflow.db, or a server, "
-            "http://HOST:PORT (set tracking.uri, --tracking-uri or MLFLOW_TRACKING_URI)"
+            f"tracking store {uri!r} is a plain path, which MLflow reads as its old file "
+            "store (a folder of YAML files) that MLflow 3 no longer writes: use a SQLite "
+            "file, e.g. sqlite:///mlflow.db, or a server, http://HOST:PORT (set tracking.uri, "
+            "--tracking-uri or MLFLOW_TRACKING_URI)"
         )
 
 

@@ -87,7 +87,7 @@ def test_a_sqlite_store_that_cannot_be_written_is_refused_in_seconds(check) -> N
     assert time.monotonic() - started < 10
 
 
-@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "mlruns"])
+@pytest.mark.parametrize("uri", ["file:///tmp/mlruns", "mlruns", "bogus"])
 def test_a_file_store_is_refused_with_what_to_use_instead(uri: str) -> None:
     with pytest.raises(TrackingError, match=r"sqlite:///mlflow\.db") as refused:
         tracking.check_store(uri, "sweeps")
