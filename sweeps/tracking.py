@@ -329,6 +329,8 @@ def open_sweep_run(
                     where = f"the store {uri}"
                 else:
                     found = client.get_experiment_by_name(experiment)
+                    if found is not None:
+                        _check_active(uri, experiment, found.lifecycle_stage)
                     experiment_ids = [found.experiment_id] if found is not None else []
                     where = f"experiment {experiment!r} at {uri}"
                 runs = []

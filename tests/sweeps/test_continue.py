@@ -114,6 +114,14 @@ def test_continuing_needs_a_sweep_parent_run(store, tmp_path: Path) -> None:
         extend_sweep(uri, 2, experiment="nothing-here")
 
 
+def test_a_deleted_experiment_is_named_as_deleted(store, tmp_path: Path) -> None:
+    client, uri, experiment_id = store
+    make_sweep_run(client, experiment_id, "KILLED", tmp_path)
+    client.delete_experiment(experiment_id)
+    with pytest.raises(PreflightError, match=r"experiment 'continued' at .* is deleted"):
+        resume_sweep(uri, experiment="continued")
+
+
 def test_extend_refuses_an_unfinished_sweep_and_a_bad_trial_count(store, tmp_path: Path) -> None:
     client, uri, experiment_id = store
     killed = make_sweep_run(client, experiment_id, "KILLED", tmp_path)

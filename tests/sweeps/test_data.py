@@ -220,6 +220,7 @@ def test_a_failed_download_says_how_to_fix_it(tmp_path: Path, downloads: Downloa
         stage_dataset(DatasetSpec(name="cifar10", root=str(tmp_path / "empty")))
     assert "no network in tests" in str(error.value)
     assert downloads.calls == 1
+    assert not (tmp_path / "empty").exists()  # the cache folder it made is removed again
 
 
 def test_downloads_once_then_reuses_the_cache(
