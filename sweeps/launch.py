@@ -566,14 +566,14 @@ def extend_sweep(
     parent_id, status = parent.info.run_id, parent.info.status
     experiment_id = parent.info.experiment_id
     adopted = tracking.trial_runs(client, experiment_id, parent_id, SWEPT)
-    # FAILED with every trial ended: no trial trained (they all diverged or raised), and
-    # more trials, proposed by a TPE that learned from these, are the way on.
     if status == "RUNNING":
         raise PreflightError(
             f"sweep run {parent_id} is RUNNING: wait for its driver to finish, then extend "
             f"it; if that driver is gone, resume the sweep first ({analysis.sweeps_command()} "
             f"resume --run-id {parent_id})"
         )
+    # FAILED with every trial ended: no trial trained (they all diverged or raised), and
+    # more trials, proposed by a TPE that learned from these, are the way on.
     if status != "FINISHED" and not (status == "FAILED" and _every_trial_ended(parent, adopted)):
         raise PreflightError(
             f"sweep run {parent_id} is {status}, not finished: resume it first "

@@ -82,6 +82,21 @@ def _no_tracking_uri_leaks() -> Iterator[None]:
     os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
+@pytest.fixture(autouse=True)
+def _no_signal_leaks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts with no signal noted by sweeps.interrupts, and leaves none behind.
+
+    A test that signals its own process (SIGTERM to an in-process sweep) would otherwise make
+    every later in-process sweep stop before its first trial.
+    """
+    from sweeps import interrupts
+
+    fresh = {"_received": None, "_record_closed": False, "_closer": None, "_farewell": ""}
+    for name, value in fresh.items():
+        monkeypatch.setattr(interrupts, name, value)
+    monkeypatch.setattr(interrupts, "_first_note", interrupts._first_note)
+
+
 @pytest.fixture
 def make_spec(tmp_path: Path) -> Callable[..., SweepSpec]:
     """make_spec(training={"epochs": 3}, ...) -> a validated small SweepSpec under tmp_path."""
