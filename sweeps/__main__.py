@@ -132,17 +132,14 @@ def _finish(result, experiment: str | None, top: int, say) -> int:
     import pandas as pd
 
     from sweeps import analysis
-    from sweeps.launch import resume_command
+    from sweeps.launch import extend_command, resume_command
 
     say(f"sweep {result.status}: trials by outcome {result.outcomes}")
     mlflow.set_tracking_uri(result.tracking_uri)
     frame = analysis.trials_frame(result.parent_run_id, [result.experiment_id])
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\nBest trials (final epoch, read back from MLflow):")
-        best_run_id = (
-            mlflow.MlflowClient().get_run(result.parent_run_id).data.tags.get("best_run_id")
-        )
-        table = analysis.best_trials(frame, top=top, best_run_id=best_run_id)
+        table = analysis.best_trials(frame, top=top, best_run_id=result.best.get("run_id"))
         print(table.to_string(index=False, float_format="{:.4g}".format))
     if result.best:
         b = result.best
@@ -167,11 +164,8 @@ def _finish(result, experiment: str | None, top: int, say) -> int:
         if result.outcomes["error"]:
             print(f"Once the cause is fixed, retry its trials: {resume} --retry-errored")
         if result.outcomes["diverged"]:
-            print(
-                "Or add trials, proposed by a TPE that learned from these: "
-                f"{analysis.sweeps_command()} extend --run-id {result.parent_run_id} "
-                f"--tracking-uri {result.tracking_uri} --trials N"
-            )
+            extend = extend_command(result.tracking_uri, result.parent_run_id)
+            print(f"Or add trials, proposed by a TPE that learned from these: {extend}")
         return EXIT_FAILED
     return EXIT_OK
 

@@ -145,12 +145,11 @@ def _load_cifar(spec: DatasetSpec) -> tuple[Split, Split]:
 
     cls = CIFAR10 if spec.name == "cifar10" else CIFAR100
     root = data_root(spec)
-    folder = root / cls.base_folder
     created = spec.download and not root.exists()
     if spec.download:
         root.mkdir(parents=True, exist_ok=True)
     try:
-        return _read_cifar(cls, spec, root, folder)
+        return _read_cifar(cls, spec, root)
     except DatasetError:
         if created:  # a refused sweep leaves nothing behind: the folder it made, if empty
             with contextlib.suppress(OSError):
@@ -159,7 +158,8 @@ def _load_cifar(spec: DatasetSpec) -> tuple[Split, Split]:
         raise
 
 
-def _read_cifar(cls: type, spec: DatasetSpec, root: Path, folder: Path) -> tuple[Split, Split]:
+def _read_cifar(cls: type, spec: DatasetSpec, root: Path) -> tuple[Split, Split]:
+    folder = root / cls.base_folder
     splits = []
     with _cache_lock(root):
         for train in (True, False):

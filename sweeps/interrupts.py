@@ -81,6 +81,11 @@ def record(name: str) -> None:
         threading.Thread(target=_watch, name="regsweep-stop-watchdog", daemon=True).start()
 
 
+def note(signum: int, frame: object) -> None:
+    """A signal handler that only records the signal (while the sweep's runs are closed)."""
+    record(signal.Signals(signum).name)
+
+
 def trials_ended() -> None:
     """Every trial has ended: a first signal from now on is answered with what happens."""
     global _first_note

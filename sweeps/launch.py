@@ -72,8 +72,6 @@ class _DropTuneHints(logging.Filter):
 for _name in ("ray.tune.tune", "ray.tune.analysis.experiment_analysis"):
     logging.getLogger(_name).addFilter(_DropTuneHints())
 
-# A trial with one of these outcomes has nothing left to run; an interrupted one resumes.
-ENDED_OUTCOMES = ("completed", "stopped_early", "diverged", "error")
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 METRIC, MODE = "val_acc", "max"
 
@@ -485,20 +483,19 @@ def resume_sweep(
     if status == "FINISHED":
         raise PreflightError(
             f"sweep run {parent_id} finished: there is nothing to resume. To add trials to it: "
-            f"{analysis.sweeps_command()} extend --run-id {parent_id} --trials N"
+            f"{extend_command(tracking_uri, parent_id)}"
         )
     if status == "RUNNING" and not force:
         _refuse_live_driver(parent)
     adopted = tracking.trial_runs(client, parent.info.experiment_id, parent_id, SWEPT)
     outcomes = [trial.outcome for trial in adopted.values()]
-    trained = any(outcome in ("completed", "stopped_early") for outcome in outcomes)
+    trained = any(outcome in tracking.TRAINED_OUTCOMES for outcome in outcomes)
     retried = retry_errored and "error" in outcomes
     if _every_trial_ended(parent, adopted) and not trained and not retried:
         raise PreflightError(
             f"sweep run {parent_id} has no trial left to run: all {len(adopted)} ended "
             f"({_outcome_counts(outcomes)}) and none trained, so resuming would change nothing. "
-            f"Add trials to it (TPE learns from these): {analysis.sweeps_command()} extend "
-            f"--run-id {parent_id} --trials N"
+            f"Add trials to it (TPE learns from these): {extend_command(tracking_uri, parent_id)}"
             + (", or retry the errored ones with --retry-errored" if "error" in outcomes else "")
         )
     spec = _stored_spec(client, parent_id)
@@ -564,14 +561,14 @@ def extend_sweep(
     say = progress or _silent
     client, parent = _open_sweep_run(tracking_uri, run_id, experiment)
     parent_id, status = parent.info.run_id, parent.info.status
-    experiment_id = parent.info.experiment_id
-    adopted = tracking.trial_runs(client, experiment_id, parent_id, SWEPT)
     if status == "RUNNING":
         raise PreflightError(
             f"sweep run {parent_id} is RUNNING: wait for its driver to finish, then extend "
             f"it; if that driver is gone, resume the sweep first ({analysis.sweeps_command()} "
             f"resume --run-id {parent_id})"
         )
+    experiment_id = parent.info.experiment_id
+    adopted = tracking.trial_runs(client, experiment_id, parent_id, SWEPT)
     # FAILED with every trial ended: no trial trained (they all diverged or raised), and
     # more trials, proposed by a TPE that learned from these, are the way on.
     if status != "FINISHED" and not (status == "FAILED" and _every_trial_ended(parent, adopted)):
@@ -709,7 +706,7 @@ def _every_trial_ended(
     """Whether every trial the sweep planned has a run that ended for good (not interrupted,
     not left RUNNING), so that neither Tune nor `resume` has anything left to run."""
     planned = int(parent.data.tags.get(tracking.NUM_TRIALS_TAG, "0"))
-    ended = sum(trial.outcome in ENDED_OUTCOMES for trial in adopted.values())
+    ended = sum(trial.outcome in tracking.ENDED_OUTCOMES for trial in adopted.values())
     return planned > 0 and ended == len(adopted) >= planned
 
 
@@ -723,7 +720,7 @@ def _evaluated_trials(
     """(swept values, final val_acc) of the trials that trained or diverged, for TPE."""
     evaluated = []
     for trial in adopted.values():
-        if trial.outcome not in ("completed", "stopped_early", "diverged"):
+        if trial.outcome not in (*tracking.TRAINED_OUTCOMES, "diverged"):
             continue
         if set(trial.swept) != set(SWEPT) or not math.isfinite(trial.val_acc):
             continue
@@ -902,7 +899,7 @@ def _drive(
         if status == "FINISHED":
             interrupts.trials_ended()
         for s in previous:
-            signal.signal(s, _note_signal)
+            signal.signal(s, interrupts.note)
         try:
             _restore_env("TUNE_DISABLE_SIGINT_HANDLER", tune_sigint)
             lineage.release()
@@ -933,7 +930,7 @@ def _drive(
             f"sweep:\n  {resume_command(sweep.uri, parent_id)}"
         )
     # A sweep in which no trial trained has failed, whatever Tune says.
-    if status == "FINISHED" and counts["completed"] + counts["stopped_early"] == 0:
+    if status == "FINISHED" and not any(counts[o] for o in tracking.TRAINED_OUTCOMES):
         status = "FAILED"
     result = SweepResult(
         sweep.uri,
@@ -960,8 +957,12 @@ def _drive(
     return result
 
 
-def _note_signal(signum: int, frame: Any) -> None:
-    interrupts.record(signal.Signals(signum).name)
+def extend_command(tracking_uri: str, parent_run_id: str) -> str:
+    """The command that adds trials to sweep run `parent_run_id` (N to fill in)."""
+    return (
+        f"{analysis.sweeps_command()} extend --run-id {parent_run_id} --trials N "
+        f"--tracking-uri {tracking_uri}"
+    )
 
 
 def resume_command(tracking_uri: str, parent_run_id: str) -> str:
@@ -1033,14 +1034,13 @@ def _log_best(
     best model an earlier driver of the sweep logged stays unless a candidate beats it.
     """
     spec, client, parent_id, say = sweep.spec, sweep.client, sweep.parent_id, sweep.say
-    trained = ("completed", "stopped_early")
     candidates = [
         r
         for r in results
         if r.error is None
         and r.checkpoint is not None
         and r.metrics
-        and lineage.outcomes.get(r.metrics.get("trial_id")) in trained
+        and lineage.outcomes.get(r.metrics.get("trial_id")) in tracking.TRAINED_OUTCOMES
         and math.isfinite(float(r.metrics.get(METRIC, math.nan)))
     ]
     previous = _previous_best(sweep)

@@ -64,6 +64,10 @@ OUTCOME_STATUS = {
     "error": "FAILED",
     "interrupted": "KILLED",
 }
+# Outcomes of a trial that trained (a candidate for the best model), and of one with nothing
+# left to run (an interrupted trial resumes).
+TRAINED_OUTCOMES = ("completed", "stopped_early")
+ENDED_OUTCOMES = (*TRAINED_OUTCOMES, "diverged", "error")
 # Result keys that Tune adds or that are not per-epoch measurements.
 _NOT_METRICS = {
     "training_iteration",

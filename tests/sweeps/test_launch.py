@@ -144,6 +144,21 @@ def test_an_empty_option_is_refused_not_taken_for_the_default(tmp_path: Path, op
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    "command",
+    [["run", str(REPO / "sweeps/specs/digits.yaml")], ["resume"], ["extend", "--trials", "1"]],
+    ids=["run", "resume", "extend"],
+)
+@pytest.mark.parametrize("top", ["0", "-1"])
+def test_a_table_of_no_rows_is_refused_before_anything_starts(
+    tmp_path: Path, command: list[str], top: str
+) -> None:
+    done = run_cli([*command, "--top", top], tmp_path)
+    assert done.returncode == 2
+    assert f"argument --top: {top} is not allowed: rows of the table, >= 1" in done.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # Tune's hints that would mislead a regsweep user
 
 
